@@ -1,0 +1,138 @@
+"""Toy corpora: unlabelled H.264 videos (with a ground-truth sidecar) and AURORA-format gold triplets.
+
+Layout under `output` (local or s3://):
+    videos/<name>.mp4              what annotation reads
+    ground_truth/<name>.json       action text and frame range per segment; only evaluation reads it
+    gold/train.json                [{input, output, instruction, task, id}], images under gold/images/
+    gold/test.json                 [{input, output, prompt, task, id}] on scenes never seen in train
+    corpus.json                    the config and counts
+Everything is a pure function of the seed.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import av
+import numpy as np
+from PIL import Image
+
+from cwm_ray import storage
+from cwm_ray.config import ToyCorpusConfig, ToyWorldConfig, to_dict
+from cwm_ray.toyworld.render import animate, render
+from cwm_ray.toyworld.world import Action, Scene, apply, random_action, random_scene
+
+
+def encode_mp4(frames: list[np.ndarray], fps: int, crf: int = 18) -> bytes:
+    """Frames → H.264 MP4 bytes (yuv420p, so any player and PyAV read it)."""
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.height, stream.width = frames[0].shape[:2]
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": str(crf), "preset": "medium"}
+        for f in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buf.getvalue()
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def make_video(
+    rng: random.Random, cfg: ToyWorldConfig, num_actions: int
+) -> tuple[list[np.ndarray], list[dict[str, Any]]]:
+    """Idle frames, then per action its animation and more idle frames. Returns frames and segments."""
+    scene = random_scene(rng, cfg)
+    frames = [render(scene, cfg)] * rng.randint(cfg.idle_frames_min, cfg.idle_frames_max)
+    segments = []
+    for _ in range(num_actions):
+        action = random_action(scene, rng, cfg)
+        after = apply(scene, action, cfg)
+        start = len(frames)
+        frames += animate(scene, action, cfg)
+        segments.append({
+            "action": action.text(), "kind": action.kind,
+            "start_frame": start, "end_frame": len(frames) - 1,
+            "scene_before": scene.to_dict(), "scene_after": after.to_dict(),
+        })
+        frames += [frames[-1]] * rng.randint(cfg.idle_frames_min, cfg.idle_frames_max)
+        scene = after
+    return frames, segments
+
+
+def gold_triplets(
+    rng: random.Random, cfg: ToyWorldConfig, n: int, avoid: set[Scene]
+) -> Iterator[tuple[Scene, Action, Scene]]:
+    """n triplets on distinct scenes, none of which is in `avoid` (so test scenes are unseen)."""
+    seen = set(avoid)
+    made = 0
+    while made < n:
+        scene = random_scene(rng, cfg)
+        if scene in seen:
+            continue
+        seen.add(scene)
+        action = random_action(scene, rng, cfg)
+        yield scene, action, apply(scene, action, cfg)
+        made += 1
+
+
+def _write_gold(
+    cfg: ToyCorpusConfig, split: str, triplets: list[tuple[Scene, Action, Scene]], pool: ThreadPoolExecutor
+) -> None:
+    gold = storage.join(cfg.output, "gold")
+    # AURORA's train.json says `instruction`; AURORA-Bench's test.json says `prompt`.
+    text_key = "instruction" if split == "train" else "prompt"
+    rows, writes = [], []
+    for i, (src, action, tgt) in enumerate(triplets):
+        item_id = f"{split}_{i:06d}"
+        rows.append({"input": f"images/{item_id}_src.png", "output": f"images/{item_id}_tgt.png",
+                     text_key: action.text(), "task": action.kind, "id": item_id})
+        writes += [(storage.join(gold, rows[-1]["input"]), png_bytes(render(src, cfg.world))),
+                   (storage.join(gold, rows[-1]["output"]), png_bytes(render(tgt, cfg.world)))]
+    list(pool.map(lambda w: storage.write_bytes(w[0], w[1], cfg.storage), writes))
+    # The index is written last, so a crash never leaves a JSON pointing at missing images.
+    storage.write_json(storage.join(gold, f"{split}.json"), rows, cfg.storage)
+
+
+def make_corpus(cfg: ToyCorpusConfig) -> dict[str, Any]:
+    """Write the whole toy corpus; returns the summary also written to corpus.json."""
+    t0 = time.perf_counter()
+    storage.configure(cfg.storage)
+    pool = ThreadPoolExecutor(8)  # I/O bound on S3; harmless locally
+    num_frames = 0
+    for v in range(cfg.num_videos):
+        rng = random.Random(f"{cfg.seed}/video/{v}")
+        frames, segments = make_video(rng, cfg.world, cfg.actions_per_video)
+        name = f"toy_{v:05d}"
+        storage.write_bytes(storage.join(cfg.output, "videos", f"{name}.mp4"),
+                            encode_mp4(frames, cfg.world.fps, cfg.crf), cfg.storage)
+        storage.write_json(storage.join(cfg.output, "ground_truth", f"{name}.json"), {
+            "video": f"videos/{name}.mp4", "fps": cfg.world.fps, "num_frames": len(frames),
+            "size": cfg.world.image_size, "segments": segments}, cfg.storage)
+        num_frames += len(frames)
+    train = list(gold_triplets(random.Random(f"{cfg.seed}/train"), cfg.world, cfg.num_train, set()))
+    seen = {t[0] for t in train}
+    test = list(gold_triplets(random.Random(f"{cfg.seed}/test"), cfg.world, cfg.num_test, seen))
+    _write_gold(cfg, "train", train, pool)
+    _write_gold(cfg, "test", test, pool)
+    pool.shutdown()
+    summary = {
+        "output": cfg.output, "videos": cfg.num_videos, "frames": num_frames,
+        "video_hours": round(num_frames / cfg.world.fps / 3600, 4),
+        "gold_train": len(train), "gold_test": len(test),
+        "seconds": round(time.perf_counter() - t0, 1), "config": to_dict(cfg),
+    }
+    storage.write_json(storage.join(cfg.output, "corpus.json"), summary, cfg.storage)
+    return summary

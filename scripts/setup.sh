@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Idempotent set-up: .venv with the CPU torch wheel first (a plain `torch` pulls a multi-GB CUDA
+# build), DeepSpeed without its C++ ops (they JIT-compile on first use), then cwm_ray editable.
+# A stamp of pyproject.toml + this script makes a re-run a no-op that takes well under a second.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null 2>&1 || PY=python3
+VENV=.venv
+STAMP=$VENV/.cwm_ray-setup
+want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
+if [[ -f $STAMP && $(cat "$STAMP") == "$want" ]]; then
+  exit 0
+fi
+[[ -x $VENV/bin/python ]] || "$PY" -m venv "$VENV"
+PIP=("$VENV/bin/python" -m pip --disable-pip-version-check --quiet)
+"${PIP[@]}" install --upgrade pip setuptools wheel
+"${PIP[@]}" install "torch==2.13.0"
+DS_BUILD_OPS=0 "${PIP[@]}" install --no-build-isolation "deepspeed>=0.19"
+"${PIP[@]}" install -e ".[dev]"
+echo "$want" > "$STAMP"
+echo "cwm_ray set up in $VENV"

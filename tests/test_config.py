@@ -1,0 +1,57 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cwm_ray.config import REPO_ROOT, ConfigError, ToyCorpusConfig, load, parse_cli
+
+
+def test_defaults_file_and_overrides_layer(tmp_path: Path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text("num_videos: 3\nworld:\n  grid: 4\n")
+    cfg = load(ToyCorpusConfig, f, ["world.grid=16", "output=s3://b/x", "world.actions=[move,add]"])
+    assert cfg.num_videos == 3  # from the file
+    assert cfg.world.grid == 16  # override beats file
+    assert cfg.output == "s3://b/x"
+    assert cfg.world.actions == ["move", "add"]
+    assert cfg.num_train == ToyCorpusConfig().num_train  # untouched default
+    assert isinstance(cfg, ToyCorpusConfig)
+
+
+@pytest.mark.parametrize("override, key", [("num_vidoes=3", "num_vidoes"), ("world.gird=3", "world.gird")])
+def test_unknown_key_is_named(override: str, key: str) -> None:
+    with pytest.raises(ConfigError, match=f"unknown config key '{key}'"):
+        load(ToyCorpusConfig, None, [override])
+
+
+def test_unknown_key_in_file_is_named(tmp_path: Path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text("world:\n  colour: red\n")
+    with pytest.raises(ConfigError, match="world.colour"):
+        load(ToyCorpusConfig, f)
+
+
+def test_wrong_type_is_named() -> None:
+    with pytest.raises(ConfigError, match="bad value for config key 'world.grid'"):
+        load(ToyCorpusConfig, None, ["world.grid=many"])
+
+
+def test_malformed_override_and_missing_file() -> None:
+    with pytest.raises(ConfigError, match="key=value"):
+        load(ToyCorpusConfig, None, ["num_videos"])
+    with pytest.raises(ConfigError, match="not found"):
+        load(ToyCorpusConfig, "/nonexistent.yaml")
+
+
+def test_cli_uses_repo_default_and_prints_config(capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = parse_cli(ToyCorpusConfig, ["seed=7"], default_config="configs/toy.yaml")
+    out = capsys.readouterr().out
+    assert cfg.seed == 7 and "seed: 7" in out and "configs/toy.yaml" in out
+
+
+def test_job_exits_2_with_clear_error_on_bad_key() -> None:
+    proc = subprocess.run([sys.executable, "jobs/make_toy_corpus.py", "num_vidoes=1"], cwd=REPO_ROOT,
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "unknown config key 'num_vidoes'" in proc.stderr

@@ -172,3 +172,85 @@ def run_job(main: Any, cls: type[T], default_config: str | None = None) -> None:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     main(cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------
+
+TOY = "toy"
+"""A model name meaning: build the tiny toy config of the architecture, randomly initialised."""
+
+
+@dataclass
+class LoRAConfig:
+    """peft LoRA settings (the paper: r=16, alpha=32)."""
+
+    enabled: bool = False
+    """Train a LoRA adapter instead of all weights."""
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    """Module names to adapt. For the diffusion UNet use to_q, to_k, to_v, to_out.0."""
+
+
+@dataclass
+class IDMConfig:
+    """The inverse dynamics model: two frames → the action text."""
+
+    model: str = "outputs/models/toy_idm"
+    """Hugging Face id, local or s3:// path of an image-text-to-text model; `toy` builds a fresh tiny one."""
+    adapter: str | None = None
+    """Optional LoRA adapter directory (local or s3://) applied on top of `model`."""
+    prompt: str = "{image}{image}what action turns the first image into the second ?"
+    """Instruction template; each {image} becomes the processor's image placeholder, in frame order."""
+    image_size: int = 64
+    """Frames are resized to this before the processor (the toy vision tower's input size)."""
+    max_new_tokens: int = 16
+    do_sample: bool = False
+    """Greedy by default; sampling uses `temperature` and the seed given to `label`."""
+    temperature: float = 1.0
+    dtype: str = "float32"
+    """float32, bfloat16 or float16."""
+    device: str = "auto"
+    """auto = cuda when available, else cpu."""
+    trust_remote_code: bool = False
+    """Off unless a model needs it: remote code runs with your credentials."""
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+
+
+@dataclass
+class RecognitionConfig:
+    """Recognition weights: squared L2 distance of encoder features of source and target per position."""
+
+    enabled: bool = True
+    """False = all-ones weights (the unweighted ablation), through the same code path."""
+    floor: float = 0.1
+    """After normalising to mean 1, weights are at least this, so unchanged regions still count."""
+
+
+@dataclass
+class WorldModelConfig:
+    """The world model: source image + action → next image."""
+
+    backend: str = "diffusion"
+    """`diffusion` (InstructPix2Pix architecture)."""
+    model: str = "outputs/models/toy_world_model"
+    """Hugging Face id, local or s3:// path of an InstructPix2Pix-style checkpoint; `toy` builds a tiny one."""
+    adapter: str | None = None
+    resolution: int = 32
+    """Images are resized to this side for training and sampling."""
+    num_inference_steps: int = 10
+    guidance_scale: float = 3.0
+    """Classifier-free guidance over the action text."""
+    image_guidance_scale: float = 1.5
+    """Classifier-free guidance over the source image."""
+    conditioning_dropout: float = 0.05
+    """Training-time dropout of text / image / both conditionings (InstructPix2Pix's three bands)."""
+    dtype: str = "float32"
+    device: str = "auto"
+    trust_remote_code: bool = False
+    lora: LoRAConfig = field(
+        default_factory=lambda: LoRAConfig(target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    )

@@ -254,3 +254,115 @@ class WorldModelConfig:
     lora: LoRAConfig = field(
         default_factory=lambda: LoRAConfig(target_modules=["to_q", "to_k", "to_v", "to_out.0"])
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ScalingSection:
+    """Maps onto Ray Train's ScalingConfig."""
+
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    """CPUs Ray reserves per worker. Keep some free for Ray Data, which feeds the workers."""
+    torch_threads: int = 0
+    """Torch threads per worker; 0 = this node's cores / workers (Ray would otherwise give it
+    `cpus_per_worker` threads, which starves a CPU run)."""
+    gpus_per_worker: float = 1.0
+    """Used only with use_gpu."""
+
+
+@dataclass
+class DeepSpeedSection:
+    enabled: bool = True
+    zero_stage: int = 2
+    """ZeRO stage 0, 1 or 2 (stage 3 shards parameters, which our export does not gather)."""
+    bf16: bool = True
+    """bf16 mixed precision; only applied on GPU (CPU trains in fp32 with gloo)."""
+    gradient_clipping: float = 1.0
+
+
+@dataclass
+class DataSource:
+    """One training source: an AURORA-format JSON (gold) or a Parquet directory of triplets."""
+
+    uri: str = ""
+    weight: float = 1.0
+    """Sampling weight: the source is repeated (>1) or subsampled (<1) by this factor per epoch."""
+
+
+@dataclass
+class DataSection:
+    sources: list[DataSource] = field(
+        default_factory=lambda: [DataSource(uri="outputs/toy_corpus/gold/train.json")]
+    )
+    val_fraction: float = 0.05
+    """Share of each source held out (deterministically, by id) for the validation loss."""
+    max_rows: int | None = None
+    """Cap per source, for quick runs."""
+    shuffle_buffer: int = 1024
+
+
+@dataclass
+class OptimSection:
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 20
+    batch_size: int = 32
+    """Per-worker micro-batch size."""
+    max_steps: int = 1000
+    """Total optimizer steps; a resumed run continues to exactly this count."""
+    seed: int = 0
+
+
+@dataclass
+class TrainSection:
+    name: str = "toy"
+    """Run name: a re-run with the same name and storage_path resumes from its latest checkpoint."""
+    storage_path: str = "outputs/runs"
+    """Local directory or s3:// prefix for Ray Train's checkpoints."""
+    export: str = "outputs/models/toy"
+    """Where the final model directory goes (local or s3://), loadable by path."""
+    log_every: int = 25
+    eval_every: int = 250
+    checkpoint_every: int = 250
+    num_to_keep: int = 2
+    max_failures: int = 2
+    """Worker failures survived by restarting from the latest checkpoint."""
+    fail_at_step: int | None = None
+    """Fault injection for tests: the rank-0 worker process dies at this step on its first attempt."""
+
+
+@dataclass
+class TrainIDMConfig:
+    """`jobs/train_idm.py`: fine-tune (or, for `toy`, train from scratch) the IDM on triplets."""
+
+    idm: IDMConfig = field(default_factory=lambda: IDMConfig(model=TOY))
+    train: TrainSection = field(
+        default_factory=lambda: TrainSection(name="toy_idm", export="outputs/models/toy_idm")
+    )
+    optim: OptimSection = field(default_factory=OptimSection)
+    data: DataSection = field(default_factory=DataSection)
+    scaling: ScalingSection = field(default_factory=ScalingSection)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+
+
+@dataclass
+class TrainWorldModelConfig:
+    """`jobs/train_world_model.py`: the world model with the recognition-weighted loss."""
+
+    world_model: WorldModelConfig = field(default_factory=lambda: WorldModelConfig(model=TOY))
+    recognition: RecognitionConfig = field(default_factory=RecognitionConfig)
+    train: TrainSection = field(
+        default_factory=lambda: TrainSection(name="toy_world_model", export="outputs/models/toy_world_model")
+    )
+    optim: OptimSection = field(default_factory=OptimSection)
+    data: DataSection = field(default_factory=DataSection)
+    scaling: ScalingSection = field(default_factory=ScalingSection)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    storage: StorageConfig = field(default_factory=StorageConfig)

@@ -1,0 +1,302 @@
+"""Ray Train loops (TorchTrainer + DeepSpeed ZeRO) for the IDM and the world model.
+
+One loop serves both models: each model class gives `collate` (Ray Data numpy batch → tensors),
+`training_module()` (an nn.Module whose forward returns the loss) and `save(dir)` (a directory the
+model loads back by path). The loop reads as named steps: build → restore → for each batch:
+forward, backward, step → log / validate / checkpoint. Distribution lives here, never in the models.
+
+Checkpoints hold `model/` (safetensors, loadable by path), DeepSpeed's engine state (optimizer, LR
+schedule) and `state.json` with the step; every worker reports into the same checkpoint directory,
+as Ray Train merges them. A restarted worker group or a re-run with the same name resumes from the
+latest checkpoint and finishes at exactly `optim.max_steps`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import ray.train
+import torch
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from cwm_ray import storage
+from cwm_ray.config import TrainIDMConfig, TrainWorldModelConfig
+from cwm_ray.data import training_datasets
+
+TrainConfig = TrainIDMConfig | TrainWorldModelConfig
+STATE_FILE = "state.json"
+MODEL_DIR = "model"
+ENGINE_TAG = "engine"
+
+
+def build_model(cfg: TrainConfig) -> Any:
+    """The model wrapper (IDM or world model) for this job, loaded or freshly built (`toy`)."""
+    if isinstance(cfg, TrainIDMConfig):
+        from cwm_ray.idm import InverseDynamicsModel
+
+        return InverseDynamicsModel.load(cfg.idm)
+    from cwm_ray.world_model import load_world_model
+
+    return load_world_model(cfg.world_model, cfg.recognition)
+
+
+def _lora(cfg: TrainConfig) -> Any:
+    return cfg.idm.lora if isinstance(cfg, TrainIDMConfig) else cfg.world_model.lora
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
+    return {
+        "train_micro_batch_size_per_gpu": cfg.optim.batch_size,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": cfg.deepspeed.gradient_clipping,
+        "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
+        "bf16": {"enabled": bool(cfg.deepspeed.bf16 and cfg.scaling.use_gpu)},
+        # Our optimizer is torch's AdamW (DeepSpeed's fused ones need CUDA); ZeRO-2 handles it fine.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+@dataclass
+class _Engine:
+    """The minimal surface the loop needs, over a DeepSpeed engine or a plain DDP module."""
+
+    module: Any
+    optimizer: Any
+    scheduler: Any
+    deepspeed: bool
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.module(**batch)
+
+    def step(self, loss: torch.Tensor) -> None:
+        if self.deepspeed:
+            self.module.backward(loss)
+            self.module.step()  # also steps the LR scheduler
+            return
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+
+    def save(self, directory: str) -> None:
+        if self.deepspeed:
+            self.module.save_checkpoint(directory, tag=ENGINE_TAG)  # a collective: every rank calls it
+        elif ray.train.get_context().get_world_rank() == 0:
+            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                       os.path.join(directory, "optimizer.pt"))
+
+    def load(self, directory: str) -> None:
+        if self.deepspeed:
+            path, _ = self.module.load_checkpoint(directory, tag=ENGINE_TAG)
+            if path is None:
+                raise RuntimeError(f"checkpoint {directory} has no DeepSpeed engine state")
+            return
+        state = torch.load(os.path.join(directory, "optimizer.pt"), weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+
+def _make_engine(cfg: TrainConfig, module: torch.nn.Module, device: torch.device) -> _Engine:
+    params = [p for p in module.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    warmup = max(1, cfg.optim.warmup_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+    if cfg.deepspeed.enabled:
+        import deepspeed
+
+        engine, optimizer, _, scheduler = deepspeed.initialize(
+            model=module, optimizer=optimizer, lr_scheduler=scheduler, config=_deepspeed_config(cfg),
+            dist_init_required=False,
+        )
+        return _Engine(engine, optimizer, scheduler, True)
+    module = ray.train.torch.prepare_model(module, move_to_device=device)
+    return _Engine(module, optimizer, scheduler, False)
+
+
+def _unwrap(module: Any) -> torch.nn.Module:
+    return module.module if hasattr(module, "module") else module
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _validate(engine: _Engine, model: Any, cfg: TrainConfig, device: torch.device) -> float | None:
+    """Mean loss over this worker's validation shard, averaged across workers."""
+    try:
+        shard = ray.train.get_dataset_shard("val")
+    except KeyError:
+        return None
+    total, count = torch.zeros(2), 0
+    _unwrap(engine.module).eval()
+    with torch.no_grad():
+        for batch in shard.iter_batches(batch_size=cfg.optim.batch_size, batch_format="numpy"):
+            n = len(batch["action"])
+            total[0] += engine.loss(_to_device(model.collate(batch), device)).float().item() * n
+            count += n
+    _unwrap(engine.module).train()
+    total[1] = count
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(total)
+    return float(total[0] / total[1]) if total[1] > 0 else None
+
+
+def _checkpoint(engine: _Engine, model: Any, step: int, metrics: dict[str, Any]) -> None:
+    """Every rank writes its part into a temporary directory and reports it; Ray merges them."""
+    rank = ray.train.get_context().get_world_rank()
+    with tempfile.TemporaryDirectory() as tmp:
+        engine.save(tmp)
+        if rank == 0:
+            model.save(os.path.join(tmp, MODEL_DIR))
+            Path(tmp, STATE_FILE).write_text(json.dumps({"step": step, "metrics": metrics}))
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+
+
+def train_func(config: dict[str, Any]) -> None:
+    """Per-worker loop; everything comes from `config["cfg"]`, as in Ray's examples."""
+    cfg: TrainConfig = config["cfg"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    threads = cfg.scaling.torch_threads or (os.cpu_count() or 1) // max(1, ctx.get_local_world_size())
+    torch.set_num_threads(max(1, threads))
+    _seed_everything(cfg.optim.seed + rank)
+    device = ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu")
+
+    # build
+    model = config.get("build_model", build_model)(cfg)
+    module = model.training_module(_lora(cfg)).to(device)
+    module.train()
+    engine = _make_engine(cfg, module, device)
+
+    # restore
+    step = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state_path = Path(d, STATE_FILE)
+            if not state_path.exists():
+                raise RuntimeError(f"checkpoint {d} is incomplete: no {STATE_FILE}")
+            step = json.loads(state_path.read_text())["step"]
+            engine.load(d)
+        if rank == 0:
+            print(f"[train] resumed from checkpoint at step {step}", flush=True)
+
+    # loop
+    shard = ray.train.get_dataset_shard("train")
+    t_last, samples_since, loss_sum, loss_n = time.perf_counter(), 0, 0.0, 0
+    epoch = 0
+    while step < cfg.optim.max_steps:
+        epoch += 1
+        batches = shard.iter_batches(batch_size=cfg.optim.batch_size, batch_format="numpy", drop_last=True,
+                                     local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
+                                     local_shuffle_seed=cfg.optim.seed + 1000 * epoch + step)
+        got_batch = False
+        for batch in batches:
+            got_batch = True
+            if cfg.train.fail_at_step is not None and step == cfg.train.fail_at_step and rank == 0 \
+                    and checkpoint is None:
+                print(f"[train] fault injection: worker dies at step {step}", flush=True)
+                os._exit(1)
+            loss = engine.loss(_to_device(model.collate(batch), device))
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss.item()} at step {step}")
+            engine.step(loss)
+            step += 1
+            samples_since += len(batch["action"]) * world
+            loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
+            last = step >= cfg.optim.max_steps
+            if step % cfg.train.log_every == 0 or last:
+                now = time.perf_counter()
+                metrics: dict[str, Any] = {"step": step, "epoch": epoch, "loss": loss_sum / loss_n,
+                                           "samples_per_s": samples_since / (now - t_last)}
+                t_last, samples_since, loss_sum, loss_n = now, 0, 0.0, 0
+                if step % cfg.train.eval_every == 0 or last:
+                    metrics["val_loss"] = _validate(engine, model, cfg, device)
+                if rank == 0:
+                    shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
+                    print(f"[train] {shown}", flush=True)
+                if step % cfg.train.checkpoint_every == 0 or last:
+                    _checkpoint(engine, model, step, metrics)
+                else:
+                    ray.train.report(metrics)
+            if last:
+                break
+        if not got_batch:
+            raise ValueError("the training shard is empty: fewer rows than one batch per worker")
+
+
+def _run_config(cfg: TrainConfig) -> RunConfig:
+    fs, path = storage.filesystem(cfg.train.storage_path, cfg.storage)
+    return RunConfig(
+        name=cfg.train.name,
+        storage_path=path,
+        storage_filesystem=fs,
+        failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+        checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.num_to_keep),
+        worker_runtime_env={"env_vars": {k: v for k, v in os.environ.items()
+                                         if k.startswith(("AWS_", "HF_", "CWM_RAY_"))}},
+    )
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Run the job; export the final `model/` to `cfg.train.export`. Returns a summary."""
+    if cfg.deepspeed.enabled and cfg.deepspeed.zero_stage not in (0, 1, 2):
+        raise ValueError(f"deepspeed.zero_stage must be 0, 1 or 2, got {cfg.deepspeed.zero_stage}")
+    storage.configure(cfg.storage)
+    if not ray.is_initialized():
+        ray.init(runtime_env={"env_vars": {"RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}})
+    train_ds, val_ds = training_datasets(cfg.data, cfg.storage)
+    datasets = {"train": train_ds} | ({"val": val_ds} if val_ds is not None else {})
+    resources = {"CPU": cfg.scaling.cpus_per_worker}
+    if cfg.scaling.use_gpu:
+        resources["GPU"] = cfg.scaling.gpus_per_worker
+    trainer = TorchTrainer(
+        train_func,
+        train_loop_config={"cfg": cfg, "build_model": build_model},
+        scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=_run_config(cfg),
+        datasets=datasets,
+    )
+    t0 = time.perf_counter()
+    result = trainer.fit()
+    seconds = time.perf_counter() - t0
+    if result.error:
+        raise result.error
+    if result.checkpoint is None:
+        raise RuntimeError("training finished without a checkpoint")
+    with result.checkpoint.as_directory() as d:
+        state = json.loads(Path(d, STATE_FILE).read_text())
+        export = cfg.train.export
+        if storage.is_s3(export):
+            storage.upload_dir(Path(d, MODEL_DIR), export, cfg.storage)
+        else:
+            import shutil
+
+            shutil.rmtree(export, ignore_errors=True)
+            shutil.copytree(Path(d, MODEL_DIR), export)
+    summary = {"name": cfg.train.name, "steps": state["step"], "metrics": state["metrics"],
+               "checkpoint": result.checkpoint.path, "export": cfg.train.export, "seconds": round(seconds, 1)}
+    print(f"[train] done: {json.dumps(summary, default=str)}", flush=True)
+    return summary
+

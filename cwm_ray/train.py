@@ -50,10 +50,6 @@ def build_model(cfg: TrainConfig) -> Any:
     return load_world_model(cfg.world_model, cfg.recognition)
 
 
-def _lora(cfg: TrainConfig) -> Any:
-    return cfg.idm.lora if isinstance(cfg, TrainIDMConfig) else cfg.world_model.lora
-
-
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -161,14 +157,17 @@ def _validate(engine: _Engine, model: Any, cfg: TrainConfig, device: torch.devic
     return float(total[0] / total[1]) if total[1] > 0 else None
 
 
-def _checkpoint(engine: _Engine, model: Any, step: int, metrics: dict[str, Any]) -> None:
-    """Every rank writes its part into a temporary directory and reports it; Ray merges them."""
+def _checkpoint(engine: _Engine, model: Any, state: dict[str, Any], metrics: dict[str, Any]) -> None:
+    """Every rank writes its part into a temporary directory and reports it; Ray merges them.
+
+    `state.json` is written last by rank 0: a checkpoint without it is incomplete and never loaded.
+    """
     rank = ray.train.get_context().get_world_rank()
     with tempfile.TemporaryDirectory() as tmp:
         engine.save(tmp)
         if rank == 0:
             model.save(os.path.join(tmp, MODEL_DIR))
-            Path(tmp, STATE_FILE).write_text(json.dumps({"step": step, "metrics": metrics}))
+            Path(tmp, STATE_FILE).write_text(json.dumps(state, default=str))
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
 
 
@@ -184,22 +183,26 @@ def train_func(config: dict[str, Any]) -> None:
 
     # build
     model = config.get("build_model", build_model)(cfg)
-    module = model.training_module(_lora(cfg)).to(device)
+    # The world model reads its LoRA settings from its own config; the IDM takes them here.
+    module = (model.training_module(cfg.idm.lora) if isinstance(cfg, TrainIDMConfig)
+              else model.training_module()).to(device)
     module.train()
     engine = _make_engine(cfg, module, device)
 
     # restore
-    step = 0
+    state: dict[str, Any] = {"step": 0, "history": [], "resumed_from": []}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             state_path = Path(d, STATE_FILE)
             if not state_path.exists():
                 raise RuntimeError(f"checkpoint {d} is incomplete: no {STATE_FILE}")
-            step = json.loads(state_path.read_text())["step"]
+            state = json.loads(state_path.read_text())
             engine.load(d)
+        state["resumed_from"].append(state["step"])
         if rank == 0:
-            print(f"[train] resumed from checkpoint at step {step}", flush=True)
+            print(f"[train] resumed from checkpoint at step {state['step']}", flush=True)
+    step = state["step"]
 
     # loop
     shard = ray.train.get_dataset_shard("train")
@@ -232,11 +235,13 @@ def train_func(config: dict[str, Any]) -> None:
                 t_last, samples_since, loss_sum, loss_n = now, 0, 0.0, 0
                 if step % cfg.train.eval_every == 0 or last:
                     metrics["val_loss"] = _validate(engine, model, cfg, device)
+                state["history"].append(metrics)
                 if rank == 0:
                     shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
                     print(f"[train] {shown}", flush=True)
                 if step % cfg.train.checkpoint_every == 0 or last:
-                    _checkpoint(engine, model, step, metrics)
+                    state["step"] = step
+                    _checkpoint(engine, model, state, metrics)
                 else:
                     ray.train.report(metrics)
             if last:
@@ -295,7 +300,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
             shutil.rmtree(export, ignore_errors=True)
             shutil.copytree(Path(d, MODEL_DIR), export)
-    summary = {"name": cfg.train.name, "steps": state["step"], "metrics": state["metrics"],
+    summary = {"name": cfg.train.name, "steps": state["step"], "metrics": state["history"][-1],
+               "history": state["history"], "resumed_from": state["resumed_from"],
                "checkpoint": result.checkpoint.path, "export": cfg.train.export, "seconds": round(seconds, 1)}
     print(f"[train] done: {json.dumps(summary, default=str)}", flush=True)
     return summary

@@ -366,3 +366,55 @@ class TrainWorldModelConfig:
     scaling: ScalingSection = field(default_factory=ScalingSection)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     storage: StorageConfig = field(default_factory=StorageConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Annotation
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FramesConfig:
+    """Decoding and frame choice (the paper: top K_f = 6 frames by optical flow, at least I_f = 20 apart)."""
+
+    working_size: int = 64
+    """Frames are downscaled so their longer side is this many pixels before anything else."""
+    motion: str = "farneback"
+    """`farneback` (OpenCV dense optical flow magnitude) or `diff` (mean absolute frame difference, cheaper)."""
+    k_frames: int = 6
+    """K_f: motion peaks kept per video (non-maximum suppression, highest first)."""
+    min_spacing: int = 20
+    """I_f: kept peaks are at least this many frames apart."""
+    pairing: str = "bracket"
+    """`bracket`: each peak gives the pair (last still frame before it, first still frame after it), so a
+    pair spans one movement; `consecutive`: consecutive kept peaks form pairs, the paper's rule."""
+    max_span: int = 20
+    """`bracket` looks at most this many frames either side of a peak."""
+    quiet: float = 0.05
+    """`bracket`: motion below this fraction of the peak counts as still."""
+    min_motion: float = 0.005
+    """Peaks with less motion than this (mean flow in pixels, or mean |difference| in 0–255) are ignored;
+    a fading toy object moves ~0.01 flow pixels per frame at 64 px, camera noise much less."""
+    min_frames: int = 8
+    """Videos with fewer decodable frames are an error row ("too short")."""
+    max_frames: int = 100_000
+    """Decoding stops after this many frames (guards against endless streams)."""
+    image_format: str = "PNG"
+    """Encoding of the stored frames: PNG or JPEG."""
+
+
+@dataclass
+class FilterConfig:
+    """The stratified top-K filter (paper §Strategy 1): per corpus, round-robin over action classes."""
+
+    budget: int = 7000
+    """Triplets kept per corpus (the paper: 7K per source dataset)."""
+    score: str = "sum"
+    """Rank by the IDM's `sum` log-likelihood or its per-token `mean`."""
+    class_rule: str = "verb_phrase"
+    """`verb_phrase`: the first word plus `keep_words` in order ("put the cup on the table" → "put on");
+    `first_word`; or `full` (the whole action text)."""
+    keep_words: list[str] = field(default_factory=lambda: [
+        "up", "down", "left", "right", "in", "into", "on", "onto", "off", "out", "over", "under", "above",
+        "below", "behind", "next", "to", "from", "of", "away", "back", "open", "close", "closed",
+    ])

@@ -1,0 +1,105 @@
+import json
+import tracemalloc
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cwm_ray.config import FramesConfig, ToyCorpusConfig, ToyWorldConfig
+from cwm_ray.toyworld.corpus import encode_mp4, make_corpus
+from cwm_ray.toyworld.parser import parse_scene
+from cwm_ray.toyworld.world import Scene
+from cwm_ray.video import Frame, VideoError, choose_pairs, iter_frames
+
+WORLD = ToyWorldConfig()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("videos")
+    make_corpus(ToyCorpusConfig(output=str(out), num_videos=6, actions_per_video=6, num_train=0, num_test=0))
+    return out
+
+
+@pytest.mark.parametrize("motion", ["farneback", "diff"])
+def test_bracket_pairs_fall_inside_ground_truth_segments(corpus: Path, motion: str) -> None:
+    cfg = FramesConfig(motion=motion)
+    exact = total = 0
+    for gt_path in sorted((corpus / "ground_truth").glob("*.json")):
+        gt = json.loads(gt_path.read_text())
+        pairs, n = choose_pairs(iter_frames((corpus / gt["video"]).read_bytes(), cfg), cfg)
+        assert n == gt["num_frames"]
+        assert 0 < len(pairs) <= cfg.k_frames
+        for p in pairs:
+            assert p.source.index < p.target.index
+            # The pair lies within one segment: source shows the scene before it, target the scene after.
+            seg = next(s for s in gt["segments"] if s["start_frame"] - cfg.max_span <= p.source.index <= s["end_frame"])
+            assert p.target.index <= seg["end_frame"] + cfg.max_span
+            total += 1
+            exact += (parse_scene(p.source.rgb, WORLD) == Scene.from_dict(seg["scene_before"])
+                      and parse_scene(p.target.rgb, WORLD) == Scene.from_dict(seg["scene_after"]))
+    assert exact / total >= 0.95, (exact, total)
+
+
+def test_peaks_respect_k_and_spacing_in_consecutive_mode(corpus: Path) -> None:
+    cfg = FramesConfig(pairing="consecutive", k_frames=4, min_spacing=20)
+    data = (corpus / "videos" / "toy_00000.mp4").read_bytes()
+    pairs, _ = choose_pairs(iter_frames(data, cfg), cfg)
+    assert len(pairs) == 3  # 4 peaks → 3 consecutive pairs
+    idx = [pairs[0].source.index] + [p.target.index for p in pairs]
+    assert all(b - a >= 20 for a, b in zip(idx, idx[1:], strict=False))
+
+
+def test_frames_are_downscaled_to_working_size(corpus: Path) -> None:
+    frame = next(iter_frames((corpus / "videos" / "toy_00001.mp4").read_bytes(), FramesConfig(working_size=32)))
+    assert frame.rgb.shape == (32, 32, 3)
+
+
+def _synthetic(n: int) -> Iterator[Frame]:
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    for i in range(n):
+        img = base.copy()
+        if i % 50 < 5:  # a burst of motion every 50 frames
+            img = np.roll(img, i % 50 + 1, axis=1)
+        yield Frame(i, i / 10, img)
+
+
+def test_memory_stays_bounded_on_long_videos() -> None:
+    cfg = FramesConfig(motion="diff")
+    tracemalloc.start()
+    pairs, n = choose_pairs(_synthetic(3000), cfg)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert n == 3000 and len(pairs) == cfg.k_frames
+    assert peak < 0.1 * 3000 * 64 * 64 * 3  # far less than holding every frame
+
+
+def _bad_inputs(corpus: Path) -> dict[str, bytes]:
+    good = (corpus / "videos" / "toy_00002.mp4").read_bytes()
+    return {
+        "EmptyFile": b"",
+        "NotAVideo": b"this is a text file, not a video\n" * 20,
+        "truncated": good[: len(good) // 2],
+        "corrupt": good[:48] + bytes(np.random.default_rng(1).integers(0, 255, len(good) - 48, dtype=np.uint8)),
+        "TooShort": encode_mp4([np.zeros((64, 64, 3), np.uint8)] * 3, fps=10),
+    }
+
+
+def test_every_kind_of_bad_input_is_a_clear_video_error(corpus: Path) -> None:
+    cfg = FramesConfig()
+    for name, data in _bad_inputs(corpus).items():
+        with pytest.raises(VideoError) as info:
+            choose_pairs(iter_frames(data, cfg), cfg)
+        assert info.value.kind and str(info.value), name
+        if name in ("EmptyFile", "NotAVideo", "TooShort"):
+            assert info.value.kind == name
+
+
+def test_unknown_options_are_errors(corpus: Path) -> None:
+    data = (corpus / "videos" / "toy_00000.mp4").read_bytes()
+    with pytest.raises(ValueError, match="pairing"):
+        choose_pairs(iter_frames(data, FramesConfig()), FramesConfig(pairing="random"))
+    with pytest.raises(ValueError, match="motion"):
+        choose_pairs(iter_frames(data, FramesConfig()), FramesConfig(motion="raft"))

@@ -1,0 +1,384 @@
+"""The inverse dynamics model (IDM): p(action | source, target), over any transformers image-text-to-text model.
+
+The paper bootstraps a world model from an IDM (arXiv 2506.06006, §3): the IDM `label`s unlabelled frame pairs
+with an action and its log-likelihood (the stratified top-K filter ranks by it), and at inference it `score`s
+the world model's N candidates by p(action | source, candidate) for best-of-N. Both are the same conditional
+likelihood; this file computes it one way (teacher forcing, right padding) so the verifier and the filter agree.
+
+The sequence is `prompt(source, target) + action + EOS`. The prompt is `IDMConfig.prompt` with each `{image}`
+replaced by the processor's image placeholder, which the processor expands to the vision tower's token count.
+Only the action tokens and EOS carry labels, so the loss and the scores are over the answer alone.
+
+Nothing here knows about distribution: `training_module()` is a plain `nn.Module` that Ray Train / DeepSpeed
+wrap, and `collate()` turns a Ray Data batch into its inputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import re
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
+from PIL import Image
+from transformers import (
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    CLIPImageProcessorPil,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedModel,
+    ProcessorMixin,
+)
+
+from cwm_ray import storage
+from cwm_ray.config import TOY, IDMConfig, LoRAConfig
+from cwm_ray.schema import decode_image
+
+ImageLike = bytes | Image.Image | np.ndarray
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Label:
+    """One IDM annotation of a frame pair."""
+
+    action: str
+    logprob: float
+    """Sum of the log-probabilities of the generated tokens (EOS included when emitted), at temperature 1."""
+    num_tokens: int
+
+
+class InverseDynamicsModel:
+    """An image-text-to-text model + its processor, asked "what action turns the first image into the second?"."""
+
+    def __init__(self, model: PreTrainedModel, processor: ProcessorMixin, cfg: IDMConfig) -> None:
+        self.model = model
+        self.processor = processor
+        self.cfg = cfg
+        self.tokenizer = processor.tokenizer
+        # LLaVA-style processors name their placeholder `image_token`; it is what `{image}` becomes.
+        image_token = getattr(processor, "image_token", None) or "<image>"
+        self.prompt = cfg.prompt.replace("{image}", image_token)
+        self.eos_token_id: int = self.tokenizer.eos_token_id
+        pad = self.tokenizer.pad_token_id
+        self.pad_token_id: int = self.eos_token_id if pad is None else pad
+
+    # -- loading and saving ---------------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, cfg: IDMConfig) -> InverseDynamicsModel:
+        """`cfg.model` is a hub id, a local or s3:// directory, or `toy` (a fresh random tiny LLaVA)."""
+        dtype = DTYPES[cfg.dtype]
+        if cfg.model == TOY:
+            model, processor = build_toy_idm(image_size=cfg.image_size)
+            model = model.to(dtype)
+        else:
+            path = storage.local_dir(cfg.model)
+            model = AutoModelForImageTextToText.from_pretrained(
+                path, dtype=dtype, use_safetensors=True, trust_remote_code=cfg.trust_remote_code
+            )
+            processor = AutoProcessor.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+        if cfg.adapter:
+            model = PeftModel.from_pretrained(model, storage.local_dir(cfg.adapter))
+        device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+        return cls(model.to(device).eval(), processor, cfg)
+
+    def save(self, directory: str) -> None:
+        """Full safetensors weights + processor, loadable by `load(IDMConfig(model=directory))`.
+
+        A LoRA model is saved merged (base + B·A per adapted layer), computed without touching the live
+        weights, so training can go on after a checkpoint and every consumer (annotate, serve) loads one
+        format with no adapter bookkeeping. `directory` may be s3://.
+        """
+        with contextlib.ExitStack() as stack:
+            local = stack.enter_context(tempfile.TemporaryDirectory()) if storage.is_s3(directory) else directory
+            if isinstance(self.model, PeftModel):
+                base = self.model.get_base_model()
+                base.save_pretrained(local, state_dict=_merged_state_dict(self.model))
+            else:
+                self.model.save_pretrained(local)
+            self.processor.save_pretrained(local)
+            if storage.is_s3(directory):
+                storage.upload_dir(local, directory)
+
+    # -- inputs ---------------------------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _frames(self, images: Sequence[ImageLike]) -> list[Image.Image]:
+        size = (self.cfg.image_size, self.cfg.image_size)
+        out = []
+        for image in images:
+            img = decode_image(image)
+            out.append(img if img.size == size else img.resize(size, Image.Resampling.BICUBIC))
+        return out
+
+    def _prompt_inputs(self, sources: Sequence[ImageLike], targets: Sequence[ImageLike]) -> dict[str, torch.Tensor]:
+        """The processor's encoding of prompt + both frames. Left padding, for `generate`.
+
+        One template and one image size give every row the same length, so in practice there is no padding
+        and the prompt occupies columns [0, P) of every row.
+        """
+        if len(sources) != len(targets):
+            raise ValueError(f"{len(sources)} sources but {len(targets)} targets")
+        images = [[s, t] for s, t in zip(self._frames(sources), self._frames(targets), strict=True)]
+        enc = self.processor(
+            text=[self.prompt] * len(images), images=images, return_tensors="pt", padding=True, padding_side="left"
+        )
+        return {k: v for k, v in enc.items() if isinstance(v, torch.Tensor)}
+
+    def _answer_ids(self, action: str) -> list[int]:
+        """The label tokens: the action without special tokens, then EOS (so the IDM learns to stop)."""
+        return [*self.tokenizer(action, add_special_tokens=False)["input_ids"], self.eos_token_id]
+
+    def _teacher_forced_inputs(
+        self, sources: Sequence[ImageLike], targets: Sequence[ImageLike], actions: Sequence[str]
+    ) -> dict[str, torch.Tensor]:
+        """prompt + action + EOS, right-padded, with labels on the answer only.
+
+        Right padding keeps each row's positions 0..n-1 whatever the batch, so a row scores the same alone
+        or batched (left padding would shift positions for models that take them from the cache).
+        """
+        if len(actions) != len(sources):
+            raise ValueError(f"{len(sources)} pairs but {len(actions)} actions")
+        enc = self._prompt_inputs(sources, targets)
+        prompt_ids = enc["input_ids"]
+        batch, p = prompt_ids.shape
+        answers = [self._answer_ids(a) for a in actions]
+        a = max(len(x) for x in answers)
+        input_ids = torch.full((batch, p + a), self.pad_token_id, dtype=prompt_ids.dtype)
+        labels = torch.full_like(input_ids, -100)
+        attention_mask = torch.zeros_like(input_ids)
+        input_ids[:, :p] = prompt_ids
+        attention_mask[:, :p] = enc["attention_mask"]
+        for i, ans in enumerate(answers):
+            input_ids[i, p : p + len(ans)] = torch.tensor(ans)
+            labels[i, p : p + len(ans)] = torch.tensor(ans)
+            attention_mask[i, p : p + len(ans)] = 1
+        out = dict(enc, input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+        for key, value in enc.items():  # other per-token inputs (token types, ...): answer tokens are text, 0
+            if key not in out or value.shape != prompt_ids.shape or key in ("input_ids", "attention_mask"):
+                continue
+            out[key] = torch.cat([value, value.new_zeros(batch, a)], dim=1)
+        return out
+
+    def _to_device(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        dtype = next(self.model.parameters()).dtype
+        return {
+            k: v.to(self.device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in inputs.items()
+        }
+
+    # -- the IDM --------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def label(self, sources: Sequence[ImageLike], targets: Sequence[ImageLike], seed: int | None = None) -> list[Label]:
+        """Generate one action per (source, target) pair, with the model's log-likelihood of it.
+
+        The log-likelihood is from the raw logits (temperature 1), whatever the sampling temperature, so
+        labels from greedy and sampled runs rank on one scale.
+        """
+        if not sources:
+            return []
+        inputs = self._to_device(self._prompt_inputs(sources, targets))
+        p = inputs["input_ids"].shape[1]
+        sampling = {"do_sample": True, "temperature": self.cfg.temperature} if self.cfg.do_sample else {
+            "do_sample": False}
+        with _eval_mode(self.model), _seeded(seed, self.device):
+            out = self.model.generate(
+                **inputs, **sampling, max_new_tokens=self.cfg.max_new_tokens, return_dict_in_generate=True,
+                output_logits=True, eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
+            )
+            token_logprobs = self.model.compute_transition_scores(out.sequences, out.logits, normalize_logits=True)
+        generated = out.sequences[:, p:]
+        # A token counts if no EOS came before it: the EOS itself counts, the padding after it does not.
+        is_eos = (generated == self.eos_token_id).long()
+        keep = (is_eos.cumsum(dim=1) - is_eos) == 0
+        logprobs = torch.where(keep, token_logprobs.float(), 0.0).sum(dim=1)
+        texts = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
+        return [
+            Label(" ".join(t.split()), float(lp), int(n))
+            for t, lp, n in zip(texts, logprobs.tolist(), keep.sum(dim=1).tolist(), strict=True)
+        ]
+
+    @torch.no_grad()
+    def score_batch(
+        self, sources: Sequence[ImageLike], targets: Sequence[ImageLike], actions: Sequence[str]
+    ) -> np.ndarray:
+        """log p(action_i | source_i, target_i) for each row, in one teacher-forced forward pass."""
+        inputs = self._to_device(self._teacher_forced_inputs(sources, targets, actions))
+        labels = inputs.pop("labels")
+        a = int((labels != -100).sum(dim=1).max())
+        labels = labels[:, -a:]  # answers sit at the end (right padding), so only the last a+1 logits matter
+        if "logits_to_keep" in inspect.signature(_unwrap(self.model).forward).parameters:
+            inputs["logits_to_keep"] = a + 1  # vocab x image-token logits would dominate memory on real VLMs
+        with _eval_mode(self.model):
+            logits = self.model(**inputs).logits[:, -(a + 1) : -1].float()
+        logprobs = torch.log_softmax(logits, dim=-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        return torch.where(labels != -100, logprobs, 0.0).sum(dim=1).cpu().numpy()
+
+    def score(self, source: ImageLike, candidates: Sequence[ImageLike], action: str) -> np.ndarray:
+        """The best-of-N verifier: log p(action | source, candidate) per candidate, one batched pass."""
+        return self.score_batch([source] * len(candidates), candidates, [action] * len(candidates))
+
+    # -- training -------------------------------------------------------------------------------------------
+
+    def collate(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        """A Ray Data numpy batch (`source`, `target`: PNG bytes; `action`: str) → model inputs with `labels`."""
+        return self._teacher_forced_inputs(list(batch["source"]), list(batch["target"]), [
+            str(a) for a in batch["action"]])
+
+    def training_module(self, lora: LoRAConfig | None = None) -> torch.nn.Module:
+        """The module a training loop optimises: `forward(**collate(batch))` → mean answer-token cross-entropy.
+
+        With `lora.enabled` the language model gets peft LoRA adapters (the paper: r=16, alpha=32) and only
+        they train; otherwise every weight trains. `self.model` becomes the trained model, so `label`,
+        `score` and `save` see the training as it goes.
+        """
+        lora = self.cfg.lora if lora is None else lora
+        if lora.enabled:
+            if not isinstance(self.model, PeftModel):
+                self.model = get_peft_model(self.model, LoraConfig(
+                    r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                    target_modules=_language_model_targets(self.model, lora.target_modules),
+                ))
+            for name, param in self.model.named_parameters():  # also resumes a loaded (frozen) adapter
+                param.requires_grad_("lora_" in name)
+        else:
+            if isinstance(self.model, PeftModel):
+                self.model = self.model.merge_and_unload()
+            self.model.requires_grad_(True)
+        return _IDMLoss(self.model.train())
+
+
+class _IDMLoss(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, **batch: torch.Tensor) -> torch.Tensor:
+        return self.model(**batch).loss  # transformers' causal-LM loss: shifted, mean over labels != -100
+
+
+# -- helpers ------------------------------------------------------------------------------------------------
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Inference without dropout, restoring train mode after (label/score may run mid-training)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None, device: torch.device) -> Iterator[None]:
+    """A seeded RNG for sampling, without disturbing the caller's global RNG state."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
+def _language_model_targets(model: PreTrainedModel, names: Sequence[str]) -> str | list[str]:
+    """A peft `target_modules` regex limited to the language model (vision towers also have q_proj, ...)."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    prefix = next((n for n, m in model.named_modules() if m is decoder and n), None)
+    if prefix is None:
+        return list(names)
+    return rf"{re.escape(prefix)}\..*\.({'|'.join(re.escape(n) for n in names)})"
+
+
+def _merged_state_dict(model: PeftModel) -> dict[str, torch.Tensor]:
+    """The base model's state dict with each LoRA delta folded in, leaving the live model untouched."""
+    base = model.get_base_model()
+    state = {k.replace(".base_layer.", "."): v for k, v in base.state_dict().items() if "lora_" not in k}
+    for name, module in base.named_modules():
+        if isinstance(module, LoraLayer) and not module.merged:
+            weight = module.get_base_layer().weight
+            delta = sum(module.get_delta_weight(a) for a in module.active_adapters if a in module.lora_A)
+            state[f"{name}.weight"] = (weight + delta).detach()
+    return state
+
+
+# -- the toy IDM --------------------------------------------------------------------------------------------
+
+
+def build_toy_idm(
+    directory: str | None = None,
+    image_size: int = 64,
+    seed: int = 0,
+    *,
+    patch_size: int = 8,
+    hidden_size: int = 128,
+    text_layers: int = 4,
+    vision_layers: int = 1,
+) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """A fresh random tiny LLaVA over the toy world's word vocabulary (`IDMConfig(model="toy")`).
+
+    Architecture, chosen by measurement (see `TOY_TRAINING`): patch 8 on 64 px frames, so one patch is one
+    8-pixel cell of the toy board and a shape is read from a single patch; a 1-layer CLIP vision tower
+    (hidden 128) then a 4-layer Llama (hidden 128, 4 heads). The Llama compares the two frames: the
+    same cell sits exactly 64 positions apart in the two images, which RoPE attention finds easily.
+    """
+    from cwm_ray.toyworld.tokenizer import build_word_tokenizer  # the toy world is the only user of it
+
+    tokenizer = build_word_tokenizer(extra_tokens=["<image>"])
+    patch = patch_size
+    hidden = hidden_size
+    image_processor = CLIPImageProcessorPil(
+        size={"height": image_size, "width": image_size}, crop_size={"height": image_size, "width": image_size},
+        resample=Image.Resampling.NEAREST, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=patch,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1,  # CLS is computed, then dropped
+    )
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(
+            hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=vision_layers, num_attention_heads=4,
+            image_size=image_size, patch_size=patch,
+        ),
+        text_config=LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=text_layers,
+            num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        ),
+        image_token_index=processor.image_token_id, image_seq_length=(image_size // patch) ** 2,
+        vision_feature_select_strategy="default", vision_feature_layer=-1, projector_hidden_act="gelu",
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlavaForConditionalGeneration(config)
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.eval()
+    if directory is not None:
+        model.save_pretrained(directory)
+        processor.save_pretrained(directory)
+    return model, processor
+
+
+__all__ = ["DTYPES", "InverseDynamicsModel", "Label", "build_toy_idm"]

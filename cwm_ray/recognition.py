@@ -1,0 +1,81 @@
+"""Recognition weights: how much each latent / token position of a triplet matters to the loss.
+
+The paper (§Strategy 1, recognition-weighted loss) weights each target token by the squared L2 distance
+between the pre-quantization encoder features of o_s and o_t at that position, so the region the action
+changes dominates the loss instead of the static background. The paper states no normalisation; ours
+makes every image's map average exactly 1 (so the loss scale does not depend on how much changed) with a
+floor, so unchanged positions still count and the model keeps learning to copy them.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from cwm_ray.config import RecognitionConfig, WorldModelConfig
+from cwm_ray.schema import decode_image, weights_to_bytes
+
+if TYPE_CHECKING:
+    from cwm_ray.world_model import WorldModel
+
+
+def recognition_weights(source_features: torch.Tensor, target_features: torch.Tensor, floor: float) -> torch.Tensor:
+    """(B, C, h, w) encoder features of o_s and o_t → (B, h, w) weights, mean exactly 1, min ≥ `floor`.
+
+    With d the squared L2 distance over channels at each position, w = floor + (1 − floor) · d / mean(d):
+    a mix of the uniform map and the mean-1 distance map. Why the mix rather than clamp-then-renormalise:
+    it keeps both promises at once (the mean is 1 and no weight falls below the floor), positions that did
+    not change get exactly `floor`, and floor = 1 is the unweighted loss. Identical images (d = 0
+    everywhere) carry no signal of what matters, so they get all ones.
+    """
+    if source_features.shape != target_features.shape or source_features.ndim != 4:
+        raise ValueError(f"features must both be (B, C, h, w); got {tuple(source_features.shape)} "
+                         f"and {tuple(target_features.shape)}")
+    floor = float(min(max(floor, 0.0), 1.0))
+    d = (target_features.float() - source_features.float()).pow(2).sum(dim=1)  # (B, h, w)
+    mean = d.mean(dim=(1, 2), keepdim=True)
+    changed = mean > 1e-12
+    w = floor + (1.0 - floor) * d / torch.where(changed, mean, torch.ones_like(mean))
+    return torch.where(changed, w, torch.ones_like(w))
+
+
+class RecognitionWeights:
+    """A Ray Data `map_batches` actor: adds `weights` (float16 bytes) and `weights_shape` ([h, w]) columns.
+
+    The encoder is the world model's own (`encode_features`: the VAE encoder's latent mean, or pixels for
+    the pixel-space toy), so the map lives on exactly the grid the loss is computed on. With recognition
+    disabled it writes all-ones maps, so the unweighted ablation runs through the same pipeline.
+    """
+
+    def __init__(self, world_model_cfg: WorldModelConfig, recognition_cfg: RecognitionConfig | None = None,
+                 world_model: WorldModel | None = None) -> None:
+        from cwm_ray.world_model import load_world_model
+
+        self.cfg = recognition_cfg or RecognitionConfig()
+        self.world_model = world_model or load_world_model(world_model_cfg, self.cfg)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        sources = [decode_image(b) for b in batch["source"]]
+        targets = [decode_image(b) for b in batch["target"]]
+        with torch.no_grad():
+            src = self.world_model.encode_features(sources)
+            tgt = self.world_model.encode_features(targets)
+        if self.cfg.enabled:
+            weights = recognition_weights(src, tgt, self.cfg.floor)
+        else:
+            weights = torch.ones(src.shape[0], *src.shape[2:])
+        encoded = [weights_to_bytes(w) for w in weights.cpu().numpy()]
+        out = dict(batch)
+        out["weights"] = _object_array([b for b, _ in encoded])
+        out["weights_shape"] = _object_array([s for _, s in encoded])  # list<int64> in Arrow, as schema.py says
+        return out
+
+
+def _object_array(items: list[object]) -> np.ndarray:
+    """A 1-D object array (np.array would turn a list of equal-length lists into a 2-D array)."""
+    arr = np.empty(len(items), dtype=object)
+    for i, item in enumerate(items):
+        arr[i] = item
+    return arr

@@ -1,0 +1,73 @@
+"""The world model p(o_t | o_s, a): one protocol, one backend per model family.
+
+Why a protocol and not a base class: the training loop, the recognition actors and Serve only need
+these six methods, and each backend (diffusers InstructPix2Pix now, an early-fusion token model later)
+keeps the vocabulary of its own library behind them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from cwm_ray.config import RecognitionConfig, WorldModelConfig
+
+ImageLike = Image.Image | bytes | np.ndarray
+"""Anything `cwm_ray.schema.decode_image` accepts: a PIL image, encoded bytes or an HxWx3 uint8 array."""
+
+BACKENDS = ("diffusion",)
+
+
+@runtime_checkable
+class WorldModel(Protocol):
+    """What every world-model backend offers (see cwm_ray.world_model.diffusion for the reference one)."""
+
+    def loss(self, batch: dict[str, torch.Tensor], weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Scalar recognition-weighted training loss of a collated batch; weights (B, h, w) or None = ones."""
+        ...
+
+    def sample(
+        self, sources: Sequence[ImageLike], actions: Sequence[str], n: int = 1, seed: int = 0
+    ) -> list[list[Image.Image]]:
+        """n candidate next observations per (source, action), from one batched sampling run."""
+        ...
+
+    def collate(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        """A Ray Data numpy batch of triplets → the keyword arguments of `training_module().forward`."""
+        ...
+
+    def training_module(self) -> torch.nn.Module:
+        """The nn.Module a DDP / DeepSpeed engine wraps; `forward(**collate(batch))` is the scalar loss."""
+        ...
+
+    def save(self, directory: str) -> None:
+        """Write a directory that `load_world_model` reads back (adapter only when training LoRA)."""
+        ...
+
+    def encode_features(self, images: Sequence[ImageLike] | torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) encoder features on the grid the loss lives on; recognition weights compare these."""
+        ...
+
+
+def load_world_model(cfg: WorldModelConfig, recognition: RecognitionConfig | None = None) -> WorldModel:
+    """The backend named by `cfg.backend`, loaded from `cfg.model` (hub id, local or s3:// path, or `toy`)."""
+    if cfg.backend == "diffusion":
+        from cwm_ray.world_model.diffusion import DiffusionWorldModel
+
+        return DiffusionWorldModel(cfg, recognition)
+    raise ValueError(f"unknown world model backend {cfg.backend!r}; known backends: {', '.join(BACKENDS)}")
+
+
+__all__ = ["BACKENDS", "ImageLike", "WorldModel", "load_world_model"]
+
+
+def __getattr__(name: str) -> Any:  # lazy, so importing the protocol does not import diffusers
+    if name in ("DiffusionWorldModel", "build_toy_world_model"):
+        from cwm_ray.world_model import diffusion
+
+        return getattr(diffusion, name)
+    raise AttributeError(name)

@@ -418,3 +418,53 @@ class FilterConfig:
         "up", "down", "left", "right", "in", "into", "on", "onto", "off", "out", "over", "under", "above",
         "below", "behind", "next", "to", "from", "of", "away", "back", "open", "close", "closed",
     ])
+
+
+@dataclass
+class CorpusInput:
+    """One named corpus; the triplet budget applies per corpus, as in the paper."""
+
+    name: str = "toy"
+    uri: str = "outputs/toy_corpus/videos"
+    """A directory, a glob (`videos/*.mp4`), a manifest (.csv / .jsonl / .parquet with a `video_uri`
+    column and an optional `dataset` column), an s3:// prefix, or webdataset .tar shards of videos."""
+
+
+@dataclass
+class StageResources:
+    """Ray Data resources of one pipeline stage."""
+
+    concurrency: int = 1
+    """Actor pool size (model stages) or max parallel tasks (CPU stages, 0 = Ray's default)."""
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    batch_size: int = 32
+    torch_threads: int = 0
+    """Torch threads in each actor; 0 = num_cpus (Ray's default), at least 1."""
+
+
+@dataclass
+class AnnotateConfig:
+    """`jobs/annotate.py`: videos → IDM-labelled, recognition-weighted, stratified triplets (Parquet)."""
+
+    inputs: list[CorpusInput] = field(default_factory=lambda: [CorpusInput()])
+    output: str = f"{DEFAULT_OUTPUT_ROOT}/annotated"
+    """Local directory or s3:// prefix; re-running into the same output resumes."""
+    video_extensions: list[str] = field(default_factory=lambda: [".mp4", ".avi", ".mov", ".mkv", ".webm"])
+    frames: FramesConfig = field(default_factory=FramesConfig)
+    idm: IDMConfig = field(default_factory=IDMConfig)
+    world_model: WorldModelConfig = field(default_factory=lambda: WorldModelConfig(model=TOY))
+    """Only its encoder is used, for recognition weights: the base checkpoint's (frozen) encoder."""
+    recognition: RecognitionConfig = field(default_factory=RecognitionConfig)
+    filter: FilterConfig = field(default_factory=FilterConfig)
+    decode: StageResources = field(default_factory=lambda: StageResources(concurrency=0, num_cpus=0.5))
+    """CPU tasks, one video each. Fractional CPUs so decode tasks run beside the actors on small machines."""
+    idm_stage: StageResources = field(default_factory=lambda: StageResources(concurrency=1, batch_size=32))
+    recognition_stage: StageResources = field(default_factory=lambda: StageResources(
+        concurrency=1, num_cpus=0.25, batch_size=64, torch_threads=1))
+    """The encoder pass is cheap next to the IDM's generation; give it a sliver of a CPU (or of a GPU)."""
+    export_aurora: bool = True
+    """Also write triplets as AURORA-format `aurora/train.json` + PNGs, which the trainers read."""
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    fail_once_in: str | None = None
+    """Fault injection (tests, bench/): `idm` kills the IDM actor's process once, mid-run."""

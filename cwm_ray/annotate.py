@@ -1,0 +1,440 @@
+"""The annotation pipeline (paper §Strategy 1) on Ray Data: videos → labelled, weighted, filtered triplets.
+
+    list inputs ─► decode + motion + frame choice (CPU tasks) ─► IDM actors ─► recognition actors
+        ─► staging/ (Parquet, the durable log) ─► finalize: dedupe, stratified top-K ─►
+        pairs/  triplets/  errors/  aurora/train.json  summary.json
+
+Why a staging log: Ray Data writes blocks, and one video's pairs may straddle blocks, so a killed run can
+leave a video half written. Each staged row carries `video_pairs` (how many pairs its video produced);
+a video counts as finished only when all of them are readable in staging, and finalize rebuilds the
+output directories from staging with each id exactly once. Re-running into the same output therefore
+skips finished videos and never duplicates an id, even after a crash halfway.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import glob as globlib
+import hashlib
+import io
+import os
+import tarfile
+import time
+import uuid
+from collections import Counter
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.json as pajson
+import pyarrow.parquet as pq
+import ray
+import ray.data
+from ray.data.datasource import FilenameProvider
+
+from cwm_ray import storage
+from cwm_ray.config import AnnotateConfig, StageResources
+from cwm_ray.filtering import action_class, select
+from cwm_ray.schema import ERROR_SCHEMA, LABEL_FIELDS, PAIR_FIELDS, WEIGHT_FIELDS, encode_image, pair_id
+from cwm_ray.video import VideoError, choose_pairs, iter_frames
+
+STAGING_SCHEMA = pa.schema(
+    PAIR_FIELDS
+    + [pa.field("video_pairs", pa.int64()), pa.field("error_type", pa.string()), pa.field("message", pa.string()),
+       pa.field("stage", pa.string())]
+    + LABEL_FIELDS + WEIGHT_FIELDS
+)
+OUTPUT_COLUMNS = [f.name for f in PAIR_FIELDS + LABEL_FIELDS + WEIGHT_FIELDS]
+TAR_SEP = "#"
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+
+
+def _is_glob(uri: str) -> bool:
+    return any(ch in uri for ch in "*?[")
+
+
+def _resolve(base_dir: str, uri: str) -> str:
+    if storage.is_s3(uri) or os.path.isabs(uri):
+        return uri
+    return storage.join(base_dir, uri)
+
+
+def _read_manifest(uri: str, cfg: AnnotateConfig) -> list[tuple[str, str | None]]:
+    data = storage.read_bytes(uri, cfg.storage)
+    low = uri.lower()
+    if low.endswith(".csv"):
+        table = pacsv.read_csv(io.BytesIO(data))
+    elif low.endswith((".jsonl", ".json")):
+        table = pajson.read_json(io.BytesIO(data))
+    else:
+        table = pq.read_table(io.BytesIO(data))
+    if "video_uri" not in table.column_names:
+        raise ValueError(f"manifest {uri} has no 'video_uri' column (columns: {table.column_names})")
+    base = uri.rsplit("/", 1)[0] if "/" in uri else "."
+    videos = [_resolve(base, str(v)) for v in table.column("video_uri").to_pylist()]
+    names = table.column("dataset").to_pylist() if "dataset" in table.column_names else [None] * len(videos)
+    return list(zip(videos, names, strict=True))
+
+
+def _tar_members(uri: str, cfg: AnnotateConfig) -> list[str]:
+    with tarfile.open(fileobj=io.BytesIO(storage.read_bytes(uri, cfg.storage))) as tar:
+        exts = tuple(cfg.video_extensions)
+        names = [m.name for m in tar.getmembers() if m.isfile() and m.name.lower().endswith(exts)]
+    return sorted(f"{uri}{TAR_SEP}{name}" for name in names)
+
+
+def list_videos(cfg: AnnotateConfig) -> list[dict[str, str]]:
+    """Every input video as {video_uri, dataset}, sorted and de-duplicated (deterministic sharding)."""
+    exts = tuple(e.lower() for e in cfg.video_extensions)
+    rows: dict[str, str] = {}
+    for corpus in cfg.inputs:
+        found: list[tuple[str, str | None]] = []
+        uri = corpus.uri
+        low = uri.lower()
+        if low.endswith((".csv", ".jsonl", ".parquet")) or (low.endswith(".json") and not _is_glob(uri)):
+            found = _read_manifest(uri, cfg)
+        elif _is_glob(uri):
+            if storage.is_s3(uri):
+                prefix = uri[: min(uri.index(ch) for ch in "*?[" if ch in uri)].rsplit("/", 1)[0]
+                found = [(u, None) for u in storage.list_files(prefix, None, cfg.storage) if fnmatch.fnmatch(u, uri)]
+            else:
+                found = [(u, None) for u in sorted(globlib.glob(uri, recursive=True)) if os.path.isfile(u)]
+        elif storage.is_dir(uri, cfg.storage):
+            found = [(u, None) for u in storage.list_files(uri, (*exts, ".tar"), cfg.storage)]
+        elif storage.exists(uri, cfg.storage):
+            found = [(uri, None)]
+        else:
+            raise FileNotFoundError(f"input {corpus.name!r}: nothing at {uri}")
+        for video, name in found:
+            members = _tar_members(video, cfg) if video.lower().endswith(".tar") else [video]
+            for m in members:
+                rows.setdefault(m, name or corpus.name)
+    if not rows:
+        raise FileNotFoundError(f"no videos found in inputs {[c.uri for c in cfg.inputs]} (extensions {exts})")
+    return [{"video_uri": u, "dataset": d} for u, d in sorted(rows.items())]
+
+
+def read_video_bytes(video_uri: str, cfg: AnnotateConfig) -> bytes:
+    if TAR_SEP in video_uri and video_uri.split(TAR_SEP, 1)[0].lower().endswith(".tar"):
+        shard, member = video_uri.split(TAR_SEP, 1)
+        with tarfile.open(fileobj=io.BytesIO(storage.read_bytes(shard, cfg.storage))) as tar:
+            f = tar.extractfile(member)
+            if f is None:
+                raise FileNotFoundError(f"{member} is not a file in {shard}")
+            return f.read()
+    return storage.read_bytes(video_uri, cfg.storage)
+
+
+# ---------------------------------------------------------------------------------------------- stages
+
+
+def _empty_columns(n: int) -> dict[str, list[Any]]:
+    return {f.name: [None] * n for f in STAGING_SCHEMA}
+
+
+def extract_pairs(batch: pa.Table, cfg: AnnotateConfig) -> pa.Table:
+    """CPU stage: each video → its chosen pairs, or one error row. Never raises for a bad video."""
+    out = _empty_columns(0)
+    for video_uri, dataset in zip(batch.column("video_uri").to_pylist(), batch.column("dataset").to_pylist(),
+                                  strict=True):
+        try:
+            data = read_video_bytes(video_uri, cfg)
+            pairs, _ = choose_pairs(iter_frames(data, cfg.frames), cfg.frames)
+            if not pairs:
+                raise VideoError("NoMotion", "no frame pair has enough motion (frames.min_motion)")
+        except (VideoError, OSError, ValueError) as exc:
+            row = _empty_columns(1)
+            row.update(id=[hashlib.sha1(f"{video_uri}#error".encode()).hexdigest()[:20]], dataset=[dataset],
+                       video_uri=[video_uri], video_pairs=[0], stage=["decode"],
+                       error_type=[getattr(exc, "kind", type(exc).__name__)], message=[str(exc)[:2000]])
+            for k in out:
+                out[k] += row[k]
+            continue
+        fmt = cfg.frames.image_format
+        for p in pairs:
+            h, w = p.source.rgb.shape[:2]
+            row = _empty_columns(1)
+            row.update(
+                id=[pair_id(video_uri, p.source.index, p.target.index)], dataset=[dataset], video_uri=[video_uri],
+                src_index=[p.source.index], tgt_index=[p.target.index], src_time=[p.source.time],
+                tgt_time=[p.target.time], motion=[p.motion], source=[encode_image(p.source.rgb, fmt)],
+                target=[encode_image(p.target.rgb, fmt)], width=[w], height=[h], video_pairs=[len(pairs)],
+            )
+            for k in out:
+                out[k] += row[k]
+    return pa.Table.from_pydict(out, schema=STAGING_SCHEMA)
+
+
+def _set_threads(res: StageResources) -> None:
+    import torch
+
+    torch.set_num_threads(max(1, res.torch_threads or int(res.num_cpus) or 1))
+
+
+def _inject_fault(cfg: AnnotateConfig, stage: str) -> None:
+    """`fail_once_in=<stage>`: kill this worker process on its first batch, once per output directory.
+
+    A test and bench aid that stands for a lost node or an OOM kill; Ray Data restarts the actor and
+    retries the task, and the run must still produce every pair exactly once.
+    """
+    if cfg.fail_once_in != stage or storage.is_s3(cfg.output):
+        return
+    marker = storage.join(cfg.output, f"_fault_{stage}")
+    if not storage.exists(marker):
+        storage.write_text(marker, "killed once\n")
+        os._exit(1)
+
+
+class IDMLabeler:
+    """Actor stage: the IDM names the action of each pair, with its log-likelihood (paper §Strategy 1.3)."""
+
+    def __init__(self, cfg: AnnotateConfig) -> None:
+        from cwm_ray.idm import InverseDynamicsModel
+
+        _set_threads(cfg.idm_stage)
+        self.idm = InverseDynamicsModel.load(cfg.idm)
+        self.cfg = cfg
+        self.filter_cfg = cfg.filter
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        _inject_fault(self.cfg, "idm")
+        ok = pc.is_null(batch.column("error_type")).to_pylist()
+        rows = [i for i, good in enumerate(ok) if good]
+        cols = {name: batch.column(name).to_pylist() for name in ("action", "logprob", "num_tokens", "action_class")}
+        if rows:
+            src, tgt = batch.column("source").to_pylist(), batch.column("target").to_pylist()
+            labels = self.idm.label([src[i] for i in rows], [tgt[i] for i in rows])
+            for i, lab in zip(rows, labels, strict=True):
+                cols["action"][i], cols["logprob"][i], cols["num_tokens"][i] = lab.action, lab.logprob, lab.num_tokens
+                cols["action_class"][i] = action_class(lab.action, self.filter_cfg)
+        for name, values in cols.items():
+            batch = batch.set_column(batch.schema.get_field_index(name), STAGING_SCHEMA.field(name),
+                                     pa.array(values, STAGING_SCHEMA.field(name).type))
+        return batch
+
+
+class RecognitionStage:
+    """Actor stage: per-position recognition weights from the world model's own encoder (paper §Strategy 1.6)."""
+
+    def __init__(self, cfg: AnnotateConfig, res: StageResources) -> None:
+        from cwm_ray.recognition import RecognitionWeights
+
+        _set_threads(res)
+        self.weights = RecognitionWeights(cfg.world_model, cfg.recognition)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        ok = pc.is_null(batch.column("error_type")).to_pylist()
+        rows = [i for i, good in enumerate(ok) if good]
+        w = batch.column("weights").to_pylist()
+        shapes = batch.column("weights_shape").to_pylist()
+        if rows:
+            sub = {"source": np.array([batch.column("source")[i].as_py() for i in rows], dtype=object),
+                   "target": np.array([batch.column("target")[i].as_py() for i in rows], dtype=object)}
+            got = self.weights(sub)
+            for k, i in enumerate(rows):
+                w[i], shapes[i] = got["weights"][k], [int(s) for s in got["weights_shape"][k]]
+        for name, values in (("weights", w), ("weights_shape", shapes)):
+            batch = batch.set_column(batch.schema.get_field_index(name), STAGING_SCHEMA.field(name),
+                                     pa.array(values, STAGING_SCHEMA.field(name).type))
+        return batch
+
+
+def _actor_kwargs(res: StageResources) -> dict[str, Any]:
+    return {"concurrency": max(1, res.concurrency), "num_cpus": res.num_cpus, "num_gpus": res.num_gpus or None,
+            "batch_size": res.batch_size, "batch_format": "pyarrow"}
+
+
+# ---------------------------------------------------------------------------------------------- staging
+
+
+def _staging(cfg: AnnotateConfig) -> str:
+    return storage.join(cfg.output, "staging")
+
+
+def read_staging(cfg: AnnotateConfig, columns: list[str]) -> tuple[pa.Table, list[str]]:
+    """Readable staging rows (selected columns + `_file`) and the files they came from.
+
+    A file a killed run left half-written is unreadable: it is removed, and its videos are redone.
+    """
+    staging = _staging(cfg)
+    if not storage.exists(staging, cfg.storage):
+        return pa.table({c: pa.array([], STAGING_SCHEMA.field(c).type) for c in columns} | {"_file": []}), []
+    fs, _ = storage.filesystem(staging, cfg.storage)
+    tables, good = [], []
+    for uri in storage.list_files(staging, (".parquet",), cfg.storage):
+        path = storage.filesystem(uri, cfg.storage)[1]
+        try:
+            t = pq.read_table(path, filesystem=fs, columns=columns)
+        except (OSError, pa.ArrowInvalid) as exc:
+            print(f"[annotate] dropping unreadable staging file {uri}: {exc}", flush=True)
+            storage.delete(uri, cfg.storage)
+            continue
+        tables.append(t.append_column("_file", pa.array([uri] * len(t), pa.string())))
+        good.append(uri)
+    if not tables:
+        return pa.table({c: pa.array([], STAGING_SCHEMA.field(c).type) for c in columns} | {"_file": []}), []
+    return pa.concat_tables(tables), good
+
+
+def finished_videos(index: pa.Table) -> set[str]:
+    """Videos whose every pair (or whose error row) is readable in staging."""
+    if index.num_rows == 0:
+        return set()
+    seen: dict[str, set[str]] = {}
+    expected: dict[str, int] = {}
+    columns = (index.column(c).to_pylist() for c in ("video_uri", "id", "video_pairs", "error_type"))
+    for vid, rid, n, err in zip(*columns, strict=True):
+        if err is not None:
+            expected[vid], seen[vid] = 0, {rid}
+            continue
+        seen.setdefault(vid, set()).add(rid)
+        expected[vid] = int(n)
+    return {v for v, ids in seen.items() if expected[v] == 0 or len(ids) >= expected[v]}
+
+
+# ---------------------------------------------------------------------------------------------- finalize
+
+INDEX_COLUMNS = ["id", "video_uri", "dataset", "video_pairs", "error_type", "stage", "message",
+                 "action", "action_class", "logprob", "num_tokens"]
+
+
+def _write_table(table: pa.Table, uri: str, cfg: AnnotateConfig) -> None:
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    storage.write_bytes(uri, buf.getvalue(), cfg.storage)
+
+
+def finalize(cfg: AnnotateConfig, index: pa.Table, files: list[str]) -> dict[str, Any]:
+    """Rebuild pairs/, triplets/, errors/, the AURORA export and summary.json from staging."""
+    done = finished_videos(index)
+    # One row per id (duplicates only come from a video redone after a crash; they are identical).
+    first: dict[str, str] = {}
+    for rid, f, vid in zip(*(index.column(c).to_pylist() for c in ("id", "_file", "video_uri")), strict=True):
+        if vid in done:
+            first.setdefault(rid, f)
+    is_err = pc.invert(pc.is_null(index.column("error_type"))).to_pylist()
+    keep_rows = [i for i, (rid, f) in enumerate(zip(index.column("id").to_pylist(), index.column("_file").to_pylist(),
+                                                    strict=True)) if first.get(rid) == f]
+    unique = index.take(pa.array(keep_rows, pa.int64()))
+    is_err = [is_err[i] for i in keep_rows]
+    pairs_idx = unique.filter(pa.array([not e for e in is_err]))
+    errors = unique.filter(pa.array(is_err)).select(["video_uri", "stage", "error_type", "message"])
+    kept = select(pairs_idx.select(["id", "dataset", "action_class", "logprob", "num_tokens"]).to_pylist(),
+                  cfg.filter)
+
+    errors_dir = storage.join(cfg.output, "errors")
+    storage.delete(errors_dir, cfg.storage)
+    _write_table(errors.cast(ERROR_SCHEMA), storage.join(errors_dir, "errors.parquet"), cfg)
+
+    pair_keys = {(rid, first[rid]) for rid in pairs_idx.column("id").to_pylist()}
+    fs, _ = storage.filesystem(cfg.output, cfg.storage)
+    paths = [storage.filesystem(f, cfg.storage)[1] for f in files]
+    if paths and pair_keys:
+        staged = ray.data.read_parquet(paths, filesystem=fs, include_paths=True, schema=STAGING_SCHEMA)
+        prefix = "s3://" if storage.is_s3(cfg.output) else ""
+
+        def unique_rows(t: pa.Table) -> pa.Table:
+            mask = [(rid, prefix + p) in pair_keys for rid, p in zip(t.column("id").to_pylist(),
+                                                                       t.column("path").to_pylist(), strict=True)]
+            return t.filter(pa.array(mask, pa.bool_())).select(OUTPUT_COLUMNS)
+
+        pairs_ds = staged.map_batches(unique_rows, batch_format="pyarrow", num_cpus=0.25).materialize()
+        for name, ds in (("pairs", pairs_ds),
+                         ("triplets", pairs_ds.filter(lambda r: r["id"] in kept, num_cpus=0.25))):
+            out = storage.join(cfg.output, name)
+            storage.delete(out, cfg.storage)
+            ds.write_parquet(storage.filesystem(out, cfg.storage)[1], filesystem=fs)
+        if cfg.export_aurora:
+            export_aurora(pairs_ds.filter(lambda r: r["id"] in kept, num_cpus=0.25), cfg)
+
+    per_corpus: dict[str, Any] = {}
+    for row in pairs_idx.select(["dataset", "action_class", "id"]).to_pylist():
+        c = per_corpus.setdefault(row["dataset"], {"pairs": 0, "triplets": 0, "classes": Counter()})
+        c["pairs"] += 1
+        if row["id"] in kept:
+            c["triplets"] += 1
+            c["classes"][row["action_class"]] += 1
+    return {"videos_done": len(done), "pairs": pairs_idx.num_rows, "triplets": len(kept),
+            "errors": errors.num_rows, "error_types": dict(Counter(errors.column("error_type").to_pylist())),
+            "corpora": {k: v | {"classes": dict(v["classes"])} for k, v in sorted(per_corpus.items())}}
+
+
+def export_aurora(triplets: Any, cfg: AnnotateConfig) -> None:
+    """Triplets as AURORA format ({input, output, instruction, ...} + PNGs), which the trainers read."""
+    base = storage.join(cfg.output, "aurora")
+    scfg = cfg.storage
+
+    def write_images(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        for rid, src, tgt in zip(batch["id"], batch["source"], batch["target"], strict=True):
+            storage.write_bytes(storage.join(base, "images", f"{rid}_src.png"), bytes(src), scfg)
+            storage.write_bytes(storage.join(base, "images", f"{rid}_tgt.png"), bytes(tgt), scfg)
+        return {"id": batch["id"], "action": batch["action"], "dataset": batch["dataset"],
+                "video_uri": batch["video_uri"], "action_class": batch["action_class"], "logprob": batch["logprob"]}
+
+    rows = triplets.map_batches(write_images, batch_format="numpy", num_cpus=0.25).take_all()
+    items = [{"input": f"images/{r['id']}_src.png", "output": f"images/{r['id']}_tgt.png",
+              "instruction": r["action"], "task": r["action_class"], "id": r["id"], "dataset": r["dataset"],
+              "video_uri": r["video_uri"], "logprob": float(r["logprob"])} for r in sorted(rows, key=lambda r: r["id"])]
+    storage.write_json(storage.join(base, "train.json"), items, scfg)
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def annotate(cfg: AnnotateConfig) -> dict[str, Any]:
+    """Run (or resume) the pipeline into `cfg.output`; returns the summary also written to summary.json."""
+    t0 = time.perf_counter()
+    # Workers get the driver's resolved endpoint (e.g. from $AWS_ENDPOINT_URL), not their own environment.
+    cfg = dataclasses.replace(cfg, storage=dataclasses.replace(
+        cfg.storage, endpoint_url=storage.endpoint_url(cfg.storage)))
+    storage.configure(cfg.storage)
+    videos = list_videos(cfg)
+    index, _ = read_staging(cfg, INDEX_COLUMNS)
+    done = finished_videos(index)
+    todo = [v for v in videos if v["video_uri"] not in done]
+    print(f"[annotate] {len(videos)} videos, {len(videos) - len(todo)} already done, {len(todo)} to do", flush=True)
+    if not ray.is_initialized():
+        ray.init(runtime_env={"env_vars": {"RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}})
+    t_pipe = time.perf_counter()
+    if todo:
+        run_id = uuid.uuid4().hex[:8]
+        ds = ray.data.from_items(todo, override_num_blocks=min(len(todo), 1000))
+        ds = ds.map_batches(extract_pairs, fn_kwargs={"cfg": cfg}, batch_size=1, batch_format="pyarrow",
+                            num_cpus=cfg.decode.num_cpus,
+                            **({"concurrency": cfg.decode.concurrency} if cfg.decode.concurrency else {}))
+        ds = ds.map_batches(IDMLabeler, fn_constructor_args=(cfg,),
+                            **_actor_kwargs(cfg.idm_stage))
+        ds = ds.map_batches(RecognitionStage, fn_constructor_args=(cfg, cfg.recognition_stage),
+                            **_actor_kwargs(cfg.recognition_stage))
+        fs, path = storage.filesystem(_staging(cfg), cfg.storage)
+        # File names carry the run id, so a resumed run never overwrites an earlier run's files.
+        names = FilenameProvider(dataset_uuid=run_id, file_format="parquet")
+        ds.write_parquet(path, filesystem=fs, filename_provider=names)
+    pipe_seconds = time.perf_counter() - t_pipe
+    index, files = read_staging(cfg, INDEX_COLUMNS)
+    summary = finalize(cfg, index, files)
+    new_pairs = sum(1 for v, e in zip(index.column("video_uri").to_pylist(), index.column("error_type").to_pylist(),
+                                      strict=True) if e is None and v in {t["video_uri"] for t in todo})
+    summary |= {"output": cfg.output, "videos": len(videos), "videos_skipped": len(videos) - len(todo),
+                "pairs_per_s": round(new_pairs / pipe_seconds, 2) if todo and pipe_seconds > 0 else None,
+                "pipeline_seconds": round(pipe_seconds, 1), "seconds": round(time.perf_counter() - t0, 1)}
+    storage.write_json(storage.join(cfg.output, "summary.json"), summary, cfg.storage)
+    print_summary(summary)
+    return summary
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    print(f"\n[annotate] {summary['videos']} videos ({summary['videos_skipped']} skipped as done), "
+          f"{summary['pairs']} pairs, {summary['triplets']} triplets kept, {summary['errors']} errors "
+          f"{summary['error_types'] or ''}; {summary['pairs_per_s']} pairs/s")
+    print(f"{'corpus':<16} {'class':<28} {'kept':>6}")
+    for name, c in summary["corpora"].items():
+        for cls, n in sorted(c["classes"].items(), key=lambda kv: -kv[1]):
+            print(f"{name:<16} {cls:<28} {n:>6}")
+        print(f"{name:<16} {'(total: pairs → triplets)':<28} {c['pairs']:>6} → {c['triplets']}")
+    print(f"outputs under {summary['output']}: pairs/ triplets/ errors/ aurora/train.json summary.json", flush=True)

@@ -1,0 +1,198 @@
+"""The annotation pipeline end to end on a small toy corpus, with tiny random models loaded by path.
+
+The IDM here is untrained (its labels are noise); what is checked is the pipeline: frame choice against
+the ground truth, bad inputs as error rows, per-corpus budgets, weights, the AURORA export, resume
+exactly-once after a crash, a killed IDM actor, manifests, tar shards and S3 in and out.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import ray
+
+from cwm_ray import storage
+from cwm_ray.annotate import annotate, list_videos
+from cwm_ray.config import AnnotateConfig, ToyCorpusConfig, ToyWorldConfig, load
+from cwm_ray.data import read_aurora
+from cwm_ray.idm import build_toy_idm
+from cwm_ray.schema import decode_image, weights_from_bytes
+from cwm_ray.toyworld.corpus import make_corpus
+from cwm_ray.toyworld.parser import parse_scene
+from cwm_ray.toyworld.world import Scene
+from cwm_ray.world_model.diffusion import build_toy_world_model
+
+WORLD = ToyWorldConfig()
+
+
+@pytest.fixture(scope="module")
+def ray_local(moto_server: str) -> None:
+    # moto's fake credentials are in the environment before the workers start, as a user's would be
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}})
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("annotate")
+    make_corpus(ToyCorpusConfig(output=str(root / "corpus"), num_videos=4, actions_per_video=3, num_train=0,
+                                num_test=0, seed=3))
+    build_toy_idm(str(root / "idm"), hidden_size=32, text_layers=1)
+    build_toy_world_model(str(root / "wm"), resolution=32, block_out_channels=(8, 16), text_hidden_size=16)
+    # The "clips" corpus: two good videos in a tar shard, and four broken files beside it.
+    clips = root / "clips"
+    clips.mkdir()
+    videos = sorted((root / "corpus" / "videos").glob("*.mp4"))
+    with tarfile.open(clips / "shard-000.tar", "w") as tar:
+        for v in videos[:2]:
+            tar.add(v, arcname=f"clips/{v.name}")
+    (clips / "empty.mp4").write_bytes(b"")
+    (clips / "noise.mp4").write_bytes(bytes(range(256)) * 40)
+    (clips / "text.mp4").write_text("not a video\n")
+    data = videos[2].read_bytes()
+    (clips / "truncated.mp4").write_bytes(data[: len(data) // 3])
+    return {"root": root, "corpus": root / "corpus", "idm": root / "idm", "wm": root / "wm", "clips": clips}
+
+
+def _cfg(assets: dict[str, Path], output: str, inputs: str | None = None, *extra: str) -> AnnotateConfig:
+    inputs = inputs or f"[{{name: toy, uri: {assets['corpus'] / 'videos'}}}, {{name: clips, uri: {assets['clips']}}}]"
+    return load(AnnotateConfig, None, [
+        f"inputs={inputs}", f"output={output}", f"idm.model={assets['idm']}", "idm.max_new_tokens=6",
+        f"world_model.model={assets['wm']}", "world_model.resolution=32", "filter.budget=5",
+        "idm_stage.batch_size=8", "recognition_stage.batch_size=8", *extra,
+    ])
+
+
+def _table(path: Path | str) -> list[dict]:
+    return pq.read_table(str(path)).to_pylist()
+
+
+@pytest.fixture(scope="module")
+def first_run(ray_local: None, assets: dict[str, Path]) -> tuple[dict, Path]:
+    out = assets["root"] / "out"
+    return annotate(_cfg(assets, str(out))), out
+
+
+def test_lists_directories_tar_shards_and_globs(assets: dict[str, Path]) -> None:
+    videos = list_videos(_cfg(assets, "unused"))
+    by_corpus = {}
+    for v in videos:
+        by_corpus.setdefault(v["dataset"], []).append(v["video_uri"])
+    assert len(by_corpus["toy"]) == 4
+    assert sum("shard-000.tar#clips/" in u for u in by_corpus["clips"]) == 2
+    assert len(by_corpus["clips"]) == 6
+    glob = list_videos(_cfg(assets, "unused", f"[{{name: g, uri: '{assets['corpus']}/videos/toy_0000[01].mp4'}}]"))
+    assert [Path(v["video_uri"]).name for v in glob] == ["toy_00000.mp4", "toy_00001.mp4"]
+    with pytest.raises(FileNotFoundError, match="nothing at"):
+        list_videos(_cfg(assets, "unused", "[{name: x, uri: /no/such/dir}]"))
+
+
+def test_pairs_are_real_action_segments(first_run: tuple[dict, Path], assets: dict[str, Path]) -> None:
+    summary, out = first_run
+    pairs = _table(out / "pairs")
+    assert len(pairs) == summary["pairs"] > 0
+    assert len({p["id"] for p in pairs}) == len(pairs)
+    exact = 0
+    for p in pairs:
+        name = Path(p["video_uri"].split("#")[-1]).stem
+        gt = json.loads((assets["corpus"] / "ground_truth" / f"{name}.json").read_text())
+        assert p["src_index"] < p["tgt_index"] and p["action"] and p["num_tokens"] >= 1 and p["logprob"] <= 0
+        # the source shows the scene before one action and the target the scene after it (exact toy parse)
+        before = parse_scene(np.asarray(decode_image(p["source"])), WORLD)
+        after = parse_scene(np.asarray(decode_image(p["target"])), WORLD)
+        exact += any(before == Scene.from_dict(s["scene_before"]) and after == Scene.from_dict(s["scene_after"])
+                     for s in gt["segments"])
+    assert exact / len(pairs) >= 0.9, (exact, len(pairs))
+
+
+def test_bad_inputs_become_error_rows(first_run: tuple[dict, Path]) -> None:
+    summary, out = first_run
+    errors = {Path(e["video_uri"]).name: e for e in _table(out / "errors" / "errors.parquet")}
+    assert set(errors) == {"empty.mp4", "noise.mp4", "text.mp4", "truncated.mp4"}
+    assert errors["empty.mp4"]["error_type"] == "EmptyFile"
+    assert errors["text.mp4"]["error_type"] == "NotAVideo"
+    assert all(e["stage"] == "decode" and e["message"] for e in errors.values())
+    assert summary["errors"] == 4 and summary["videos"] == 10
+
+
+def test_per_corpus_budget_weights_and_aurora_export(first_run: tuple[dict, Path]) -> None:
+    summary, out = first_run
+    pairs = {p["id"]: p for p in _table(out / "pairs")}
+    triplets = _table(out / "triplets")
+    assert {t["id"] for t in triplets} <= set(pairs)
+    for name in ("toy", "clips"):
+        n = sum(t["dataset"] == name for t in triplets)
+        assert n == min(5, sum(p["dataset"] == name for p in pairs.values())) == summary["corpora"][name]["triplets"]
+    for t in triplets:
+        w = weights_from_bytes(t["weights"], t["weights_shape"])
+        assert w.shape == (16, 16) and abs(float(w.mean()) - 1) < 0.02  # 32 px, pixel-space patch 2
+    items = read_aurora(str(out / "aurora" / "train.json"))
+    assert sorted(i["id"] for i in items) == sorted(t["id"] for t in triplets)
+    assert all(storage.exists(i["input"]) and storage.exists(i["output"]) for i in items)
+    assert all(i["action"] == pairs[i["id"]]["action"] for i in items)
+    assert json.loads((out / "summary.json").read_text())["triplets"] == len(triplets)
+
+
+def test_resume_after_a_crash_redoes_only_what_was_lost(first_run: tuple[dict, Path], assets: dict[str, Path],
+                                                        tmp_path: Path) -> None:
+    summary, out = first_run
+    crashed = tmp_path / "out"
+    shutil.copytree(out, crashed)
+    staged = sorted((crashed / "staging").glob("*.parquet"))
+    assert len(staged) >= 2
+    staged[0].unlink()  # never written
+    staged[1].write_bytes(staged[1].read_bytes()[:100])  # half written when the node died
+    again = annotate(_cfg(assets, str(crashed)))
+    assert 0 < again["videos_skipped"] < again["videos"]
+    assert sorted(p["id"] for p in _table(crashed / "pairs")) == sorted(p["id"] for p in _table(out / "pairs"))
+    assert again["pairs"] == summary["pairs"] and again["errors"] == summary["errors"]
+    # and a second re-run has nothing left to do
+    assert annotate(_cfg(assets, str(crashed)))["videos_skipped"] == again["videos"]
+
+
+def test_a_killed_idm_actor_loses_nothing(first_run: tuple[dict, Path], assets: dict[str, Path],
+                                          tmp_path: Path) -> None:
+    summary, out = first_run
+    faulty = tmp_path / "faulty"
+    got = annotate(_cfg(assets, str(faulty), None, "fail_once_in=idm"))
+    assert (faulty / "_fault_idm").exists()  # the actor really was killed
+    assert sorted(p["id"] for p in _table(faulty / "pairs")) == sorted(p["id"] for p in _table(out / "pairs"))
+    assert got["errors"] == summary["errors"]
+
+
+def test_manifest_on_s3_in_and_out(ray_local: None, assets: dict[str, Path], s3_bucket: str) -> None:
+    videos = sorted((assets["corpus"] / "videos").glob("*.mp4"))[:2]
+    for v in videos:
+        storage.write_bytes(f"{s3_bucket}/videos/{v.name}", v.read_bytes())
+    lines = [json.dumps({"video_uri": f"videos/{v.name}", "dataset": f"set{i}"}) for i, v in enumerate(videos)]
+    storage.write_text(f"{s3_bucket}/manifest.jsonl", "\n".join(lines) + "\n")
+    out = f"{s3_bucket}/annotated"
+    summary = annotate(_cfg(assets, out, f"[{{name: m, uri: {s3_bucket}/manifest.jsonl}}]"))
+    assert set(summary["corpora"]) == {"set0", "set1"} and summary["errors"] == 0
+    assert storage.read_json(f"{out}/summary.json")["pairs"] == summary["pairs"] > 0
+    fs, path = storage.filesystem(f"{out}/pairs")
+    assert pq.read_table(path, filesystem=fs).num_rows == summary["pairs"]
+    assert storage.exists(f"{out}/aurora/train.json")
+
+
+def test_a_manifest_without_video_uri_is_a_clear_error(assets: dict[str, Path], tmp_path: Path) -> None:
+    (tmp_path / "m.csv").write_text("path\nx.mp4\n")
+    with pytest.raises(ValueError, match="no 'video_uri' column"):
+        list_videos(_cfg(assets, "unused", f"[{{name: m, uri: {tmp_path / 'm.csv'}}}]"))
+
+
+def test_tar_member_bytes_match_the_file(assets: dict[str, Path]) -> None:
+    from cwm_ray.annotate import read_video_bytes
+
+    cfg = _cfg(assets, "unused")
+    uri = next(v["video_uri"] for v in list_videos(cfg) if "#" in v["video_uri"])
+    with tarfile.open(assets["clips"] / "shard-000.tar") as tar:
+        expected = tar.extractfile(uri.split("#")[1]).read()
+    assert read_video_bytes(uri, cfg) == expected != b""

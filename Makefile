@@ -1,14 +1,29 @@
 # Both README commands go through scripts/setup.sh, which is idempotent (a no-op once set up).
 PY := .venv/bin/python
 export RAY_AUTH_MODE ?= disabled
+TOY_CORPUS := outputs/toy_corpus/corpus.json
+TOY_IDM := outputs/models/toy_idm/config.json
+TOY_WM := outputs/models/toy_world_model/unet/config.json
 
-.PHONY: setup demo test test-slow lint bench
+.PHONY: setup demo test test-slow lint bench toy-models
 
 setup:
 	@bash scripts/setup.sh
 
-demo: setup
+# The main job on the embedded default: annotate the toy corpus with the toy IDM (each built once).
+demo: setup $(TOY_CORPUS) $(TOY_IDM)
+	$(PY) jobs/annotate.py
+
+$(TOY_CORPUS): | setup
 	$(PY) jobs/make_toy_corpus.py
+
+$(TOY_IDM): $(TOY_CORPUS) | setup
+	$(PY) jobs/train_idm.py
+
+$(TOY_WM): $(TOY_CORPUS) | setup
+	$(PY) jobs/train_world_model.py
+
+toy-models: $(TOY_IDM) $(TOY_WM)
 
 test: setup
 	$(PY) -m ruff check .

@@ -8,6 +8,7 @@ message names the offending key in plain words.
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -171,6 +172,10 @@ def run_job(main: Any, cls: type[T], default_config: str | None = None) -> None:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    if not os.environ.get("RAY_ADDRESS"):
+        # No cluster to join: `ray.init()` starts a private one on this machine, for which Ray 2.60's
+        # token auth only gets in the way. Jobs submitted to a cluster (RAY_ADDRESS set) keep its setting.
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     main(cfg)
 
 
@@ -239,7 +244,7 @@ class WorldModelConfig:
     model: str = "outputs/models/toy_world_model"
     """Hugging Face id, local or s3:// path of an InstructPix2Pix-style checkpoint; `toy` builds a tiny one."""
     adapter: str | None = None
-    resolution: int = 32
+    resolution: int = 64
     """Images are resized to this side for training and sampling."""
     num_inference_steps: int = 10
     guidance_scale: float = 3.0
@@ -316,6 +321,8 @@ class OptimSection:
     """Per-worker micro-batch size."""
     max_steps: int = 1000
     """Total optimizer steps; a resumed run continues to exactly this count."""
+    schedule: str = "cosine"
+    """Learning rate after warm-up: `cosine` (decays to 0 at max_steps) or `constant`."""
     seed: int = 0
 
 

@@ -68,7 +68,15 @@ class InverseDynamicsModel:
         self.tokenizer = processor.tokenizer
         # LLaVA-style processors name their placeholder `image_token`; it is what `{image}` becomes.
         image_token = getattr(processor, "image_token", None) or "<image>"
-        self.prompt = cfg.prompt.replace("{image}", image_token)
+        vision = getattr(model.config, "vision_config", None)
+        # A vision tower with 6 input channels embeds the frame pair as one tubelet (as video ViTs embed
+        # 2 frames per tubelet): the pair is one image, so the prompt keeps only its first placeholder.
+        self.tubelet = getattr(vision, "num_channels", 3) == 6
+        prompt = cfg.prompt
+        if self.tubelet:
+            head, sep, tail = prompt.partition("{image}")
+            prompt = head + sep + tail.replace("{image}", "")
+        self.prompt = prompt.replace("{image}", image_token)
         self.eos_token_id: int = self.tokenizer.eos_token_id
         pad = self.tokenizer.pad_token_id
         self.pad_token_id: int = self.eos_token_id if pad is None else pad
@@ -133,11 +141,16 @@ class InverseDynamicsModel:
         """
         if len(sources) != len(targets):
             raise ValueError(f"{len(sources)} sources but {len(targets)} targets")
-        images = [[s, t] for s, t in zip(self._frames(sources), self._frames(targets), strict=True)]
+        src, tgt = self._frames(sources), self._frames(targets)
+        images = [[s] for s in src] if self.tubelet else [[s, t] for s, t in zip(src, tgt, strict=True)]
         enc = self.processor(
             text=[self.prompt] * len(images), images=images, return_tensors="pt", padding=True, padding_side="left"
         )
-        return {k: v for k, v in enc.items() if isinstance(v, torch.Tensor)}
+        out = {k: v for k, v in enc.items() if isinstance(v, torch.Tensor)}
+        if self.tubelet:  # channels 0-2: the source frame, 3-5: the target frame, each normalised alike
+            target_pixels = self.processor.image_processor(tgt, return_tensors="pt")["pixel_values"]
+            out["pixel_values"] = torch.cat([out["pixel_values"], target_pixels], dim=1)
+        return out
 
     def _answer_ids(self, action: str) -> list[int]:
         """The label tokens: the action without special tokens, then EOS (so the IDM learns to stop)."""
@@ -189,7 +202,7 @@ class InverseDynamicsModel:
         The log-likelihood is from the raw logits (temperature 1), whatever the sampling temperature, so
         labels from greedy and sampled runs rank on one scale.
         """
-        if not sources:
+        if len(sources) == 0:
             return []
         inputs = self._to_device(self._prompt_inputs(sources, targets))
         p = inputs["input_ids"].shape[1]
@@ -333,22 +346,29 @@ def build_toy_idm(
     hidden_size: int = 128,
     text_layers: int = 4,
     vision_layers: int = 1,
+    tubelet: bool = True,
 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     """A fresh random tiny LLaVA over the toy world's word vocabulary (`IDMConfig(model="toy")`).
 
-    Architecture, chosen by measurement (see `TOY_TRAINING`): patch 8 on 64 px frames, so one patch is one
-    8-pixel cell of the toy board and a shape is read from a single patch; a 1-layer CLIP vision tower
-    (hidden 128) then a 4-layer Llama (hidden 128, 4 heads). The Llama compares the two frames: the
-    same cell sits exactly 64 positions apart in the two images, which RoPE attention finds easily.
+    Chosen by measurement on 2 CPU cores (see the README's toy numbers): patch 8 on 64 px frames, so one
+    patch is one cell of the board; pixels centred on the board's colour; `tubelet=True` gives the CLIP
+    tower 6 input channels so each token sees a cell before *and* after, and the 4-layer Llama (hidden
+    128) only has to find and name the changed cells. With two separate images (`tubelet=False`, the
+    layout real VLMs use) the same model must first learn to align cells 64 positions apart, and on
+    the same budget it is still far from the tubelet model's accuracy.
     """
     from cwm_ray.toyworld.tokenizer import build_word_tokenizer  # the toy world is the only user of it
+    from cwm_ray.toyworld.world import BACKGROUND
 
     tokenizer = build_word_tokenizer(extra_tokens=["<image>"])
     patch = patch_size
     hidden = hidden_size
     image_processor = CLIPImageProcessorPil(
         size={"height": image_size, "width": image_size}, crop_size={"height": image_size, "width": image_size},
-        resample=Image.Resampling.NEAREST, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+        # Centred on the board's background colour: empty cells become zero vectors, so the few cells that
+        # hold objects dominate every image token from the first step (with the usual mean 0.5 the dark
+        # board swamps them and training sits on an image-blind plateau for thousands of steps).
+        resample=Image.Resampling.NEAREST, image_mean=[c / 255 for c in BACKGROUND], image_std=[0.25] * 3,
     )
     processor = LlavaProcessor(
         image_processor=image_processor, tokenizer=tokenizer, patch_size=patch,
@@ -356,8 +376,8 @@ def build_toy_idm(
     )
     config = LlavaConfig(
         vision_config=CLIPVisionConfig(
-            hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=vision_layers, num_attention_heads=4,
-            image_size=image_size, patch_size=patch,
+            hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=vision_layers, num_attention_heads=4,
+            image_size=image_size, patch_size=patch, num_channels=6 if tubelet else 3,
         ),
         text_config=LlamaConfig(
             vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=text_layers,

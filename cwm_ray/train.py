@@ -28,6 +28,7 @@ import ray.train
 import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
+from transformers import get_scheduler
 
 from cwm_ray import storage
 from cwm_ray.config import TrainIDMConfig, TrainWorldModelConfig
@@ -115,8 +116,11 @@ def _make_engine(cfg: TrainConfig, module: torch.nn.Module, device: torch.device
     if not params:
         raise ValueError("the model has no trainable parameters")
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-    warmup = max(1, cfg.optim.warmup_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+    schedules = {"cosine": "cosine", "constant": "constant_with_warmup"}
+    if cfg.optim.schedule not in schedules:
+        raise ValueError(f"optim.schedule must be one of {sorted(schedules)}, got {cfg.optim.schedule!r}")
+    scheduler = get_scheduler(schedules[cfg.optim.schedule], optimizer, num_warmup_steps=cfg.optim.warmup_steps,
+                              num_training_steps=cfg.optim.max_steps)
     if cfg.deepspeed.enabled:
         import deepspeed
 

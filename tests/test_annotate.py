@@ -8,8 +8,13 @@ exactly-once after a crash, a killed IDM actor, manifests, tar shards and S3 in 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -23,12 +28,13 @@ from cwm_ray.config import AnnotateConfig, ToyCorpusConfig, ToyWorldConfig, load
 from cwm_ray.data import read_aurora
 from cwm_ray.idm import build_toy_idm
 from cwm_ray.schema import decode_image, weights_from_bytes
-from cwm_ray.toyworld.corpus import make_corpus
+from cwm_ray.toyworld.corpus import encode_mp4, make_corpus
 from cwm_ray.toyworld.parser import parse_scene
 from cwm_ray.toyworld.world import Scene
 from cwm_ray.world_model.diffusion import build_toy_world_model
 
 WORLD = ToyWorldConfig()
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -58,16 +64,21 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     (clips / "text.mp4").write_text("not a video\n")
     data = videos[2].read_bytes()
     (clips / "truncated.mp4").write_bytes(data[: len(data) // 3])
+    (clips / "short.mp4").write_bytes(encode_mp4([np.zeros((64, 64, 3), np.uint8)] * 3, fps=10))
     return {"root": root, "corpus": root / "corpus", "idm": root / "idm", "wm": root / "wm", "clips": clips}
 
 
-def _cfg(assets: dict[str, Path], output: str, inputs: str | None = None, *extra: str) -> AnnotateConfig:
+def _args(assets: dict[str, Path], output: str, inputs: str | None = None, *extra: str) -> list[str]:
     inputs = inputs or f"[{{name: toy, uri: {assets['corpus'] / 'videos'}}}, {{name: clips, uri: {assets['clips']}}}]"
-    return load(AnnotateConfig, None, [
+    return [
         f"inputs={inputs}", f"output={output}", f"idm.model={assets['idm']}", "idm.max_new_tokens=6",
         f"world_model.model={assets['wm']}", "world_model.resolution=32", "filter.budget=5",
         "idm_stage.batch_size=8", "recognition_stage.batch_size=8", *extra,
-    ])
+    ]
+
+
+def _cfg(assets: dict[str, Path], output: str, inputs: str | None = None, *extra: str) -> AnnotateConfig:
+    return load(AnnotateConfig, None, _args(assets, output, inputs, *extra))
 
 
 def _table(path: Path | str) -> list[dict]:
@@ -87,7 +98,7 @@ def test_lists_directories_tar_shards_and_globs(assets: dict[str, Path]) -> None
         by_corpus.setdefault(v["dataset"], []).append(v["video_uri"])
     assert len(by_corpus["toy"]) == 4
     assert sum("shard-000.tar#clips/" in u for u in by_corpus["clips"]) == 2
-    assert len(by_corpus["clips"]) == 6
+    assert len(by_corpus["clips"]) == 7
     glob = list_videos(_cfg(assets, "unused", f"[{{name: g, uri: '{assets['corpus']}/videos/toy_0000[01].mp4'}}]"))
     assert [Path(v["video_uri"]).name for v in glob] == ["toy_00000.mp4", "toy_00001.mp4"]
     with pytest.raises(FileNotFoundError, match="nothing at"):
@@ -115,11 +126,12 @@ def test_pairs_are_real_action_segments(first_run: tuple[dict, Path], assets: di
 def test_bad_inputs_become_error_rows(first_run: tuple[dict, Path]) -> None:
     summary, out = first_run
     errors = {Path(e["video_uri"]).name: e for e in _table(out / "errors" / "errors.parquet")}
-    assert set(errors) == {"empty.mp4", "noise.mp4", "text.mp4", "truncated.mp4"}
+    assert set(errors) == {"empty.mp4", "noise.mp4", "text.mp4", "truncated.mp4", "short.mp4"}
     assert errors["empty.mp4"]["error_type"] == "EmptyFile"
     assert errors["text.mp4"]["error_type"] == "NotAVideo"
+    assert errors["short.mp4"]["error_type"] == "TooShort"
     assert all(e["stage"] == "decode" and e["message"] for e in errors.values())
-    assert summary["errors"] == 4 and summary["videos"] == 10
+    assert summary["errors"] == 5 and summary["videos"] == 11
 
 
 def test_per_corpus_budget_weights_and_aurora_export(first_run: tuple[dict, Path]) -> None:
@@ -196,3 +208,27 @@ def test_tar_member_bytes_match_the_file(assets: dict[str, Path]) -> None:
     with tarfile.open(assets["clips"] / "shard-000.tar") as tar:
         expected = tar.extractfile(uri.split("#")[1]).read()
     assert read_video_bytes(uri, cfg) == expected != b""
+
+
+def test_resume_after_the_job_process_is_killed_halfway(first_run: tuple[dict, Path], assets: dict[str, Path],
+                                                        tmp_path: Path) -> None:
+    """SIGKILL the whole job (driver and its Ray processes) once staging has begun, then run it again."""
+    summary, out = first_run
+    killed = tmp_path / "killed"
+    cfg_args = [a for a in _args(assets, str(killed))] + ["idm_stage.batch_size=2"]
+    proc = subprocess.Popen([sys.executable, str(REPO / "jobs" / "annotate.py"), *cfg_args], cwd=REPO,
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while not list((killed / "staging").glob("*.parquet")) and time.monotonic() < deadline:
+            assert proc.poll() is None, "the job ended before it could be killed"
+            time.sleep(0.1)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    staged = pq.ParquetDataset(str(killed / "staging")).read(columns=["video_uri"]).num_rows \
+        if list((killed / "staging").glob("*.parquet")) else 0
+    assert 0 < staged and not (killed / "summary.json").exists()  # really killed halfway
+    again = annotate(load(AnnotateConfig, None, cfg_args))
+    assert sorted(p["id"] for p in _table(killed / "pairs")) == sorted(p["id"] for p in _table(out / "pairs"))
+    assert again["pairs"] == summary["pairs"] and again["errors"] == summary["errors"]

@@ -101,3 +101,21 @@ def judge(
 ) -> Verdict:
     """Judge a predicted image against the source image and the action: free, exact, no reference."""
     return judge_scenes(parse_scene(source, cfg), action_text, parse_scene(predicted, cfg), cfg)
+
+
+def explains(
+    source: np.ndarray | Image.Image, action_text: str, target: np.ndarray | Image.Image, cfg: ToyWorldConfig
+) -> bool:
+    """Does `action_text`, executed on the source scene, give exactly the target scene?
+
+    The IDM's accuracy in the toy world. It differs from string equality with the ground-truth action
+    only where the world itself is ambiguous: `move the red circle left` and `put the red circle to the
+    left of the blue square` can be the same change, and no IDM could tell which one was issued.
+    """
+    action = parse_action(action_text)
+    if action is None:
+        return False
+    try:
+        return apply(parse_scene(source, cfg), action, cfg) == parse_scene(target, cfg)
+    except InvalidAction:
+        return False

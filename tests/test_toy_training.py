@@ -1,0 +1,97 @@
+"""The toy targets, end to end with the jobs' default configs (slow: about 10 minutes on 2 cores).
+
+    make test-slow     # or: .venv/bin/pytest -m slow
+
+Trains the toy IDM and world model exactly as `jobs/train_*.py` do with no arguments (only the output
+paths move to a temporary directory), then checks the targets the README reports: the IDM's actions
+explain the test pairs, the world model beats copying the source on the toy judge, and annotation
+with the trained IDM keeps triplets whose actions explain their frames.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from cwm_ray.config import IDMConfig, ToyWorldConfig, WorldModelConfig
+from cwm_ray.idm import InverseDynamicsModel
+from cwm_ray.schema import decode_image
+from cwm_ray.toyworld.parser import explains, judge
+from cwm_ray.world_model import load_world_model
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+WORLD = ToyWorldConfig()
+
+
+def _run(script: str, *args: str) -> None:
+    env = os.environ | {"RAY_AUTH_MODE": "disabled"}
+    proc = subprocess.run([sys.executable, f"jobs/{script}", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("toy")
+    corpus, runs = root / "corpus", root / "runs"
+    _run("make_toy_corpus.py", f"output={corpus}")
+    gold = f"data.sources=[{{uri: {corpus / 'gold' / 'train.json'}}}]"
+    _run("train_idm.py", gold, f"train.storage_path={runs}", f"train.export={root / 'idm'}")
+    _run("train_world_model.py", gold, f"train.storage_path={runs}", f"train.export={root / 'wm'}")
+    return {"root": root, "corpus": corpus, "idm": root / "idm", "wm": root / "wm"}
+
+
+def _test_items(corpus: Path) -> list[dict]:
+    return json.loads((corpus / "gold" / "test.json").read_text())
+
+
+def test_idm_actions_explain_the_test_pairs(trained: dict[str, Path]) -> None:
+    idm = InverseDynamicsModel.load(IDMConfig(model=str(trained["idm"]), device="cpu"))
+    items = _test_items(trained["corpus"])
+    base = trained["corpus"] / "gold"
+    src = [Image.open(base / it["input"]).convert("RGB") for it in items]
+    tgt = [Image.open(base / it["output"]).convert("RGB") for it in items]
+    labels = [lab for i in range(0, len(items), 100) for lab in idm.label(src[i:i + 100], tgt[i:i + 100])]
+    ok = np.mean([explains(s, lab.action, t, WORLD) for s, lab, t in zip(src, labels, tgt, strict=True)])
+    assert ok >= 0.9, ok
+
+
+def test_trained_idm_verifier_prefers_the_true_target(trained: dict[str, Path]) -> None:
+    idm = InverseDynamicsModel.load(IDMConfig(model=str(trained["idm"]), device="cpu"))
+    items = _test_items(trained["corpus"])[:100]
+    base = trained["corpus"] / "gold"
+    src = [Image.open(base / it["input"]).convert("RGB") for it in items]
+    tgt = [Image.open(base / it["output"]).convert("RGB") for it in items]
+    wins = [idm.score(src[i], [tgt[i], tgt[(i + 1) % len(tgt)]], it["prompt"]) for i, it in enumerate(items)]
+    assert np.mean([w[0] > w[1] for w in wins]) >= 0.9
+
+
+def test_world_model_beats_copying_the_source(trained: dict[str, Path]) -> None:
+    wm = load_world_model(WorldModelConfig(model=str(trained["wm"]), device="cpu"))
+    items = _test_items(trained["corpus"])[:100]
+    base = trained["corpus"] / "gold"
+    src = [Image.open(base / it["input"]).convert("RGB") for it in items]
+    actions = [it["prompt"] for it in items]
+    preds = [c[0] for i in range(0, len(items), 25) for c in wm.sample(src[i:i + 25], actions[i:i + 25], n=1)]
+    model = np.mean([judge(s, a, p.resize(s.size), WORLD).score for s, a, p in zip(src, actions, preds, strict=True)])
+    copy = np.mean([judge(s, a, s, WORLD).score for s, a in zip(src, actions, strict=True)])
+    assert model > copy + 1.0, (model, copy)
+
+
+def test_annotation_with_the_trained_idm_keeps_true_actions(trained: dict[str, Path]) -> None:
+    out = trained["root"] / "annotated"
+    _run("annotate.py", f"inputs=[{{name: toy, uri: {trained['corpus'] / 'videos'}}}]", f"output={out}",
+         f"idm.model={trained['idm']}")
+    rows = pq.read_table(out / "triplets").to_pylist()
+    assert len(rows) > 50
+    ok = np.mean([explains(decode_image(r["source"]), r["action"], decode_image(r["target"]), WORLD) for r in rows])
+    assert ok >= 0.8, ok

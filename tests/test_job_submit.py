@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,7 +30,11 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def head_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real head node (GCS, raylet, dashboard with the Jobs API) on free ports; stopped afterwards."""
+    """A real head node (GCS, raylet, dashboard with the Jobs API) on free ports.
+
+    `ray stop` afterwards stops every Ray process on the machine; the other test modules start and shut
+    down their own Ray per module, so none is running while this one does.
+    """
     port, dash = _free_port(), _free_port()
     # as with an activated virtualenv: the entrypoint's `python` is the one that has cwm_ray installed
     env = os.environ | {"RAY_AUTH_MODE": "disabled", "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
@@ -52,8 +57,12 @@ def test_annotate_through_ray_job_submit(head_node: str, tmp_path: Path) -> None
            "python", "jobs/annotate.py", f"inputs=[{{name: toy, uri: {tmp_path / 'corpus' / 'videos'}}}]",
            f"output={out}", f"idm.model={tmp_path / 'idm'}", f"world_model.model={tmp_path / 'wm'}",
            "world_model.resolution=32", "idm.max_new_tokens=4"]
-    proc = subprocess.run(cmd, env=os.environ | {"RAY_AUTH_MODE": "disabled"}, capture_output=True, text=True,
-                          timeout=600)
+    for _ in range(20):  # the head's job agent comes up a few seconds after `ray start` returns
+        proc = subprocess.run(cmd, env=os.environ | {"RAY_AUTH_MODE": "disabled"}, capture_output=True, text=True,
+                              timeout=600)
+        if "No available agent" not in proc.stdout + proc.stderr:
+            break
+        time.sleep(3)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "succeeded" in proc.stdout + proc.stderr
     summary = json.loads((out / "summary.json").read_text())

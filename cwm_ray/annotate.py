@@ -392,6 +392,12 @@ def annotate(cfg: AnnotateConfig) -> dict[str, Any]:
     # Workers get the driver's resolved endpoint (e.g. from $AWS_ENDPOINT_URL), not their own environment.
     cfg = dataclasses.replace(cfg, storage=dataclasses.replace(
         cfg.storage, endpoint_url=storage.endpoint_url(cfg.storage)))
+    # ... and absolute model paths, whatever directory an actor starts in.
+    cfg = dataclasses.replace(
+        cfg, idm=dataclasses.replace(cfg.idm, model=storage.resolve_local(cfg.idm.model),
+                                     adapter=storage.resolve_local(cfg.idm.adapter)),
+        world_model=dataclasses.replace(cfg.world_model, model=storage.resolve_local(cfg.world_model.model),
+                                        adapter=storage.resolve_local(cfg.world_model.adapter)))
     storage.configure(cfg.storage)
     videos = list_videos(cfg)
     index, _ = read_staging(cfg, INDEX_COLUMNS)

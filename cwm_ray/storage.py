@@ -206,3 +206,14 @@ def local_dir(uri: str, cache_root: str | os.PathLike[str] | None = None, cfg: S
         os.replace(tmp, target)
         done.write_text(uri)
     return str(target)
+
+
+def resolve_local(uri: str | None) -> str | None:
+    """An existing local relative path made absolute; anything else (hub id, s3://, None) unchanged.
+
+    Ray workers need not share the driver's working directory (Ray Train's run in their run
+    directory), where a relative `outputs/models/...` would be misread as a Hugging Face hub id.
+    """
+    if uri is None or is_s3(uri) or os.path.isabs(uri) or not os.path.exists(uri):
+        return uri
+    return os.path.abspath(uri)

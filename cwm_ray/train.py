@@ -13,6 +13,7 @@ latest checkpoint and finishes at exactly `optim.max_steps`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -232,18 +233,18 @@ def train_func(config: dict[str, Any]) -> None:
             samples_since += len(batch["action"]) * world
             loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
             last = step >= cfg.optim.max_steps
-            if step % cfg.train.log_every == 0 or last:
+            if _every(step, cfg.train.log_every) or last:
                 now = time.perf_counter()
                 metrics: dict[str, Any] = {"step": step, "epoch": epoch, "loss": loss_sum / loss_n,
                                            "samples_per_s": samples_since / (now - t_last)}
                 t_last, samples_since, loss_sum, loss_n = now, 0, 0.0, 0
-                if step % cfg.train.eval_every == 0 or last:
+                if _every(step, cfg.train.eval_every) or last:
                     metrics["val_loss"] = _validate(engine, model, cfg, device)
                 state["history"].append(metrics)
                 if rank == 0:
                     shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
                     print(f"[train] {shown}", flush=True)
-                if step % cfg.train.checkpoint_every == 0 or last:
+                if _every(step, cfg.train.checkpoint_every) or last:
                     state["step"] = step
                     _checkpoint(engine, model, state, metrics)
                 else:
@@ -267,11 +268,26 @@ def _run_config(cfg: TrainConfig) -> RunConfig:
     )
 
 
+def _every(step: int, n: int) -> bool:
+    """Every n-th step; n <= 0 means only at the end."""
+    return n > 0 and step % n == 0
+
+
+def _with_absolute_model_paths(cfg: TrainConfig) -> TrainConfig:
+    """Relative local model/adapter paths resolved on the driver, for workers in other directories."""
+    name = "idm" if isinstance(cfg, TrainIDMConfig) else "world_model"
+    model_cfg = getattr(cfg, name)
+    model_cfg = dataclasses.replace(model_cfg, model=storage.resolve_local(model_cfg.model),
+                                    adapter=storage.resolve_local(model_cfg.adapter))
+    return dataclasses.replace(cfg, **{name: model_cfg})
+
+
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run the job; export the final `model/` to `cfg.train.export`. Returns a summary."""
     if cfg.deepspeed.enabled and cfg.deepspeed.zero_stage not in (0, 1, 2):
         raise ValueError(f"deepspeed.zero_stage must be 0, 1 or 2, got {cfg.deepspeed.zero_stage}")
     storage.configure(cfg.storage)
+    cfg = _with_absolute_model_paths(cfg)
     if not ray.is_initialized():
         ray.init(runtime_env={"env_vars": {"RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}})
     train_ds, val_ds = training_datasets(cfg.data, cfg.storage)

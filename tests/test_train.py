@@ -116,3 +116,17 @@ def test_mixed_sources_with_weights(ray_local: None, gold: str) -> None:
     assert n_val % 2 == 0 and n_train == 3 * (96 - n_val // 2)
     row = train_ds.take(1)[0]
     assert set(row) == {"id", "source", "target", "action"} and row["source"][:4] == b"\x89PNG"
+
+
+def test_a_relative_model_path_reaches_the_workers(ray_local: None, gold: str, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray Train workers run in their own directory; `idm.model=outputs/...` must not become a hub id."""
+    from cwm_ray.idm import build_toy_idm
+    from cwm_ray.train import train
+
+    monkeypatch.chdir(tmp_path)
+    build_toy_idm("models/tiny", hidden_size=32, text_layers=1)
+    cfg = load(TrainIDMConfig, None, ["idm.model=models/tiny", "train.name=rel", "optim.max_steps=2",
+                                      "deepspeed.enabled=false", *_common(tmp_path, gold, "runs"),
+                                      "scaling.num_workers=1", "train.eval_every=0"])
+    assert train(cfg)["steps"] == 2

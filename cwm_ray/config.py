@@ -341,7 +341,8 @@ class TrainSection:
     max_failures: int = 2
     """Worker failures survived by restarting from the latest checkpoint."""
     fail_at_step: int | None = None
-    """Fault injection for tests: the rank-0 worker process dies at this step on its first attempt."""
+    """Fault injection for tests: the rank-0 worker stalls 5 s, then its process dies, at this step of its
+    first attempt (the 5 s let Ray Train register the checkpoint reported just before)."""
 
 
 @dataclass

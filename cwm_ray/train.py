@@ -224,6 +224,9 @@ def train_func(config: dict[str, Any]) -> None:
             if cfg.train.fail_at_step is not None and step == cfg.train.fail_at_step and rank == 0 \
                     and checkpoint is None:
                 print(f"[train] fault injection: worker dies at step {step}", flush=True)
+                # The controller registers reported checkpoints asynchronously; wait until the latest one
+                # is surely registered, so the injected death tests resuming rather than that race.
+                time.sleep(5)
                 os._exit(1)
             loss = engine.loss(_to_device(model.collate(batch), device))
             if not torch.isfinite(loss):

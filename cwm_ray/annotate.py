@@ -133,13 +133,9 @@ def read_video_bytes(video_uri: str, cfg: AnnotateConfig) -> bytes:
 # ---------------------------------------------------------------------------------------------- stages
 
 
-def _empty_columns(n: int) -> dict[str, list[Any]]:
-    return {f.name: [None] * n for f in STAGING_SCHEMA}
-
-
 def extract_pairs(batch: pa.Table, cfg: AnnotateConfig) -> pa.Table:
     """CPU stage: each video → its chosen pairs, or one error row. Never raises for a bad video."""
-    out = _empty_columns(0)
+    rows: list[dict[str, Any]] = []  # columns a row leaves out (labels, weights, ...) are null
     for video_uri, dataset in zip(batch.column("video_uri").to_pylist(), batch.column("dataset").to_pylist(),
                                   strict=True):
         try:
@@ -148,26 +144,29 @@ def extract_pairs(batch: pa.Table, cfg: AnnotateConfig) -> pa.Table:
             if not pairs:
                 raise VideoError("NoMotion", "no frame pair has enough motion (frames.min_motion)")
         except (VideoError, OSError, ValueError) as exc:
-            row = _empty_columns(1)
-            row.update(id=[hashlib.sha1(f"{video_uri}#error".encode()).hexdigest()[:20]], dataset=[dataset],
-                       video_uri=[video_uri], video_pairs=[0], stage=["decode"],
-                       error_type=[getattr(exc, "kind", type(exc).__name__)], message=[str(exc)[:2000]])
-            for k in out:
-                out[k] += row[k]
+            rows.append({"id": hashlib.sha1(f"{video_uri}#error".encode()).hexdigest()[:20], "dataset": dataset,
+                         "video_uri": video_uri, "video_pairs": 0, "stage": "decode",
+                         "error_type": getattr(exc, "kind", type(exc).__name__), "message": str(exc)[:2000]})
             continue
         fmt = cfg.frames.image_format
         for p in pairs:
             h, w = p.source.rgb.shape[:2]
-            row = _empty_columns(1)
-            row.update(
-                id=[pair_id(video_uri, p.source.index, p.target.index)], dataset=[dataset], video_uri=[video_uri],
-                src_index=[p.source.index], tgt_index=[p.target.index], src_time=[p.source.time],
-                tgt_time=[p.target.time], motion=[p.motion], source=[encode_image(p.source.rgb, fmt)],
-                target=[encode_image(p.target.rgb, fmt)], width=[w], height=[h], video_pairs=[len(pairs)],
-            )
-            for k in out:
-                out[k] += row[k]
-    return pa.Table.from_pydict(out, schema=STAGING_SCHEMA)
+            rows.append({
+                "id": pair_id(video_uri, p.source.index, p.target.index), "dataset": dataset,
+                "video_uri": video_uri, "src_index": p.source.index, "tgt_index": p.target.index,
+                "src_time": p.source.time, "tgt_time": p.target.time, "motion": p.motion,
+                "source": encode_image(p.source.rgb, fmt), "target": encode_image(p.target.rgb, fmt),
+                "width": w, "height": h, "video_pairs": len(pairs),
+            })
+    return pa.Table.from_pylist(rows, schema=STAGING_SCHEMA)
+
+
+def _replace_columns(batch: pa.Table, columns: dict[str, list[Any]]) -> pa.Table:
+    """`batch` with these staging columns replaced by new values (typed as STAGING_SCHEMA says)."""
+    for name, values in columns.items():
+        field = STAGING_SCHEMA.field(name)
+        batch = batch.set_column(batch.schema.get_field_index(name), field, pa.array(values, field.type))
+    return batch
 
 
 def _set_threads(res: StageResources) -> None:
@@ -212,10 +211,7 @@ class IDMLabeler:
             for i, lab in zip(rows, labels, strict=True):
                 cols["action"][i], cols["logprob"][i], cols["num_tokens"][i] = lab.action, lab.logprob, lab.num_tokens
                 cols["action_class"][i] = action_class(lab.action, self.filter_cfg)
-        for name, values in cols.items():
-            batch = batch.set_column(batch.schema.get_field_index(name), STAGING_SCHEMA.field(name),
-                                     pa.array(values, STAGING_SCHEMA.field(name).type))
-        return batch
+        return _replace_columns(batch, cols)
 
 
 class RecognitionStage:
@@ -238,10 +234,7 @@ class RecognitionStage:
             got = self.weights(sub)
             for k, i in enumerate(rows):
                 w[i], shapes[i] = got["weights"][k], [int(s) for s in got["weights_shape"][k]]
-        for name, values in (("weights", w), ("weights_shape", shapes)):
-            batch = batch.set_column(batch.schema.get_field_index(name), STAGING_SCHEMA.field(name),
-                                     pa.array(values, STAGING_SCHEMA.field(name).type))
-        return batch
+        return _replace_columns(batch, {"weights": w, "weights_shape": shapes})
 
 
 def _actor_kwargs(res: StageResources) -> dict[str, Any]:
@@ -393,11 +386,8 @@ def annotate(cfg: AnnotateConfig) -> dict[str, Any]:
     cfg = dataclasses.replace(cfg, storage=dataclasses.replace(
         cfg.storage, endpoint_url=storage.endpoint_url(cfg.storage)))
     # ... and absolute model paths, whatever directory an actor starts in.
-    cfg = dataclasses.replace(
-        cfg, idm=dataclasses.replace(cfg.idm, model=storage.resolve_local(cfg.idm.model),
-                                     adapter=storage.resolve_local(cfg.idm.adapter)),
-        world_model=dataclasses.replace(cfg.world_model, model=storage.resolve_local(cfg.world_model.model),
-                                        adapter=storage.resolve_local(cfg.world_model.adapter)))
+    cfg = dataclasses.replace(cfg, idm=storage.with_local_paths(cfg.idm),
+                              world_model=storage.with_local_paths(cfg.world_model))
     storage.configure(cfg.storage)
     videos = list_videos(cfg)
     index, _ = read_staging(cfg, INDEX_COLUMNS)
@@ -424,8 +414,9 @@ def annotate(cfg: AnnotateConfig) -> dict[str, Any]:
     pipe_seconds = time.perf_counter() - t_pipe
     index, files = read_staging(cfg, INDEX_COLUMNS)
     summary = finalize(cfg, index, files)
+    todo_uris = {t["video_uri"] for t in todo}
     new_pairs = sum(1 for v, e in zip(index.column("video_uri").to_pylist(), index.column("error_type").to_pylist(),
-                                      strict=True) if e is None and v in {t["video_uri"] for t in todo})
+                                      strict=True) if e is None and v in todo_uris)
     summary |= {"output": cfg.output, "videos": len(videos), "videos_skipped": len(videos) - len(todo),
                 "pairs_per_s": round(new_pairs / pipe_seconds, 2) if todo and pipe_seconds > 0 else None,
                 "pipeline_seconds": round(pipe_seconds, 1), "seconds": round(time.perf_counter() - t0, 1)}

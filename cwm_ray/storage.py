@@ -8,13 +8,14 @@ files go through a temporary name and `rename`; an S3 PUT is atomic by itself.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
@@ -22,6 +23,7 @@ import pyarrow.fs as pafs
 from cwm_ray.config import StorageConfig
 
 _default = StorageConfig()
+T = TypeVar("T")
 
 
 def configure(cfg: StorageConfig) -> None:
@@ -217,3 +219,9 @@ def resolve_local(uri: str | None) -> str | None:
     if uri is None or is_s3(uri) or os.path.isabs(uri) or not os.path.exists(uri):
         return uri
     return os.path.abspath(uri)
+
+
+def with_local_paths(model_cfg: T) -> T:
+    """A model config (`model`, `adapter`) with both passed through `resolve_local`, for sending to workers."""
+    return dataclasses.replace(model_cfg, model=resolve_local(model_cfg.model),
+                               adapter=resolve_local(model_cfg.adapter))

@@ -276,21 +276,16 @@ def _every(step: int, n: int) -> bool:
     return n > 0 and step % n == 0
 
 
-def _with_absolute_model_paths(cfg: TrainConfig) -> TrainConfig:
-    """Relative local model/adapter paths resolved on the driver, for workers in other directories."""
-    name = "idm" if isinstance(cfg, TrainIDMConfig) else "world_model"
-    model_cfg = getattr(cfg, name)
-    model_cfg = dataclasses.replace(model_cfg, model=storage.resolve_local(model_cfg.model),
-                                    adapter=storage.resolve_local(model_cfg.adapter))
-    return dataclasses.replace(cfg, **{name: model_cfg})
-
-
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run the job; export the final `model/` to `cfg.train.export`. Returns a summary."""
     if cfg.deepspeed.enabled and cfg.deepspeed.zero_stage not in (0, 1, 2):
         raise ValueError(f"deepspeed.zero_stage must be 0, 1 or 2, got {cfg.deepspeed.zero_stage}")
     storage.configure(cfg.storage)
-    cfg = _with_absolute_model_paths(cfg)
+    # Relative local model paths made absolute here: Ray Train's workers run in another directory.
+    if isinstance(cfg, TrainIDMConfig):
+        cfg = dataclasses.replace(cfg, idm=storage.with_local_paths(cfg.idm))
+    else:
+        cfg = dataclasses.replace(cfg, world_model=storage.with_local_paths(cfg.world_model))
     if not ray.is_initialized():
         ray.init(runtime_env={"env_vars": {"RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}})
     train_ds, val_ds = training_datasets(cfg.data, cfg.storage)

@@ -5,7 +5,7 @@ TOY_CORPUS := outputs/toy_corpus/corpus.json
 TOY_IDM := outputs/models/toy_idm/config.json
 TOY_WM := outputs/models/toy_world_model/unet/config.json
 
-.PHONY: setup demo test test-slow lint bench toy-models
+.PHONY: setup demo test test-slow lint toy-models
 
 setup:
 	@bash scripts/setup.sh

@@ -476,3 +476,57 @@ class AnnotateConfig:
     storage: StorageConfig = field(default_factory=StorageConfig)
     fail_once_in: str | None = None
     """Fault injection (tests, bench/): `idm` kills the IDM actor's process once, mid-run."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Serving
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ServeLimits:
+    """Per-request limits: a request beyond one is a 4xx naming the parameter, never work for a replica."""
+
+    max_image_bytes: int = 4 * 1024 * 1024
+    """Upload size of one image (multipart file or base64-decoded JSON field)."""
+    max_pixels: int = 1024 * 1024
+    """Width × height of an uploaded image and of a requested output `size`."""
+    max_n: int = 8
+    """Images returned per request (OpenAI's `n`)."""
+    max_best_of: int = 16
+    """Candidates sampled and verified per request: the search width of best-of-N."""
+    max_prompt_chars: int = 1000
+    max_rollout_actions: int = 16
+
+
+@dataclass
+class ServeConfig:
+    """The `args` of the Serve application (`applications[].args` in configs/serve.yaml).
+
+    Replicas, autoscaling, `num_gpus` and `@serve.batch` sizes are not here: they are Ray Serve's own
+    per-deployment settings (`deployments:` with `user_config`), in the same file.
+    """
+
+    world_model: WorldModelConfig = field(default_factory=WorldModelConfig)
+    idm: IDMConfig = field(default_factory=IDMConfig)
+    """The verifier: best-of-N keeps the candidate under which the IDM finds the action most likely."""
+    served_model_name: str = "cwm-world-model"
+    """The model id clients see (`GET /v1/models`, OpenAI's `model` field)."""
+    best_of: int = 4
+    """Default search width when a request gives none (at least the request's `n`)."""
+    api_keys_env: str = "CWM_API_KEYS"
+    """Environment variable with comma-separated bearer keys; unset or empty = open (a warning is logged)."""
+    retries: int = 2
+    """Times the ingress re-sends a call whose replica died (sampling is seeded, so a retry is identical)."""
+    limits: ServeLimits = field(default_factory=ServeLimits)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+
+
+def from_dict(cls: type[T], values: dict[str, Any] | None, source: str = "arguments") -> T:
+    """A typed config from a plain dict (Serve application `args`), with `load`'s checks and errors."""
+    cfg = OmegaConf.structured(cls)
+    OmegaConf.set_struct(cfg, True)
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(cfg, OmegaConf.create(values or {})))  # type: ignore[return-value]
+    except OmegaConfBaseException as exc:
+        raise ConfigError(_format_error(exc, source)) from None

@@ -8,6 +8,16 @@ PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null 2>&1 || PY=python3
 VENV=.venv
 STAMP=$VENV/.cwm_ray-setup
+# Browser tests (the Serve playground, the evaluation report) drive Debian's Chromium headless.
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+  SUDO=(); [[ $(id -u) == 0 ]] || SUDO=(sudo -n)
+  if command -v apt-get >/dev/null 2>&1 && { [[ ${#SUDO[@]} == 0 ]] || sudo -n true 2>/dev/null; }; then
+    "${SUDO[@]}" apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive "${SUDO[@]}" apt-get install -y -qq chromium chromium-driver >/dev/null
+  else
+    echo "warning: install chromium and chromium-driver (Debian) for the browser tests" >&2
+  fi
+fi
 want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
 if [[ -f $STAMP && $(cat "$STAMP") == "$want" ]]; then
   exit 0

@@ -119,6 +119,22 @@ def test_sample_is_one_batched_seeded_run(tiny_dir: str) -> None:
     assert np.abs(arrays(alone) - arrays([out[0][:1]])).max() <= 1
 
 
+def test_sample_takes_n_and_seed_per_input(tiny_dir: str) -> None:
+    """Serve batches requests that differ in n and seed: each input must come out as if sampled alone."""
+    wm = _load(tiny_dir)
+    sources, actions = _images(2), ACTIONS[:2]
+    arrays = lambda cands: np.stack([np.asarray(im, np.int16) for im in cands])  # noqa: E731
+    mixed = wm.sample(sources, actions, n=[1, 3], seed=[5, 9])
+    assert [len(c) for c in mixed] == [1, 3]
+    first = wm.sample(sources[:1], actions[:1], n=1, seed=5)[0]
+    second = wm.sample(sources[1:], actions[1:], n=3, seed=9)[0]
+    assert np.abs(arrays(mixed[0]) - arrays(first)).max() <= 1  # float sums may differ by batch size
+    assert np.abs(arrays(mixed[1]) - arrays(second)).max() <= 1
+    assert not np.array_equal(arrays(second[:1]), arrays(wm.sample(sources[1:], actions[1:], n=1, seed=10)[0]))
+    with pytest.raises(ValueError, match="one n"):
+        wm.sample(sources, actions, n=[1], seed=0)
+
+
 def test_full_fine_tuning_trains_the_unet_and_round_trips(tiny_dir: str, tmp_path: Path) -> None:
     wm = _load(tiny_dir)
     module = wm.training_module()

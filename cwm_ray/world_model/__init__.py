@@ -31,9 +31,14 @@ class WorldModel(Protocol):
         ...
 
     def sample(
-        self, sources: Sequence[ImageLike], actions: Sequence[str], n: int = 1, seed: int = 0
+        self, sources: Sequence[ImageLike], actions: Sequence[str], n: int | Sequence[int] = 1,
+        seed: int | Sequence[int] = 0,
     ) -> list[list[Image.Image]]:
-        """n candidate next observations per (source, action), from one batched sampling run."""
+        """n candidate next observations per (source, action), from one batched sampling run.
+
+        `n` and `seed` are one value for all inputs or one per input; an input's candidates depend only
+        on its own (source, action, seed), never on what else shares the batch.
+        """
         ...
 
     def collate(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:

@@ -268,29 +268,36 @@ class DiffusionWorldModel:
         return self.module.train()
 
     @torch.no_grad()
-    def sample(self, sources: Sequence[Any], actions: Sequence[str], n: int = 1,
-               seed: int = 0) -> list[list[Image.Image]]:
-        """n candidates per (source, action): one batched DDIM loop over all len(sources)·n of them.
+    def sample(self, sources: Sequence[Any], actions: Sequence[str], n: int | Sequence[int] = 1,
+               seed: int | Sequence[int] = 0) -> list[list[Image.Image]]:
+        """n candidates per (source, action): one batched DDIM loop over all of them.
 
         Guidance is StableDiffusionInstructPix2PixPipeline's: a 3-way batch (text+image, image only,
         neither) combined as uncond + s_T·(text − image) + s_I·(image − uncond). Candidate j of input i
         starts from noise seeded by (seed, i, j) alone, so it does not depend on n or on the other inputs.
+        `n` and `seed` may also be given per input (Serve batches requests that differ in both): input i
+        then draws its candidates from (seed[i], 0, j), exactly as if it had been sampled alone.
         """
         if len(sources) != len(actions):
             raise ValueError(f"{len(sources)} sources but {len(actions)} actions")
+        counts = [n] * len(sources) if isinstance(n, int) else [int(k) for k in n]
+        seeds = [(seed, i) for i in range(len(sources))] if isinstance(seed, int) else [(int(s), 0) for s in seed]
+        if len(counts) != len(sources) or len(seeds) != len(sources) or min(counts, default=1) < 1:
+            raise ValueError(f"need one n >= 1 and one seed per source; got n={n!r}, seed={seed!r}")
         if not sources:
             return []
         m, cfg, was_training = self.module, self.cfg, self.module.training
         m.eval()
-        image_latents = self.encode_features(self._pixels(sources)).to(self.dtype).repeat_interleave(n, 0)
-        prompt_embeds = m.encode_prompt(self._tokenize(actions)).repeat_interleave(n, 0)
+        repeats = torch.tensor(counts)
+        image_latents = self.encode_features(self._pixels(sources)).to(self.dtype).repeat_interleave(repeats, 0)
+        prompt_embeds = m.encode_prompt(self._tokenize(actions)).repeat_interleave(repeats.to(self.device), 0)
         total = image_latents.shape[0]
 
         scheduler = DDIMScheduler.from_config(self.noise_scheduler.config)
         scheduler.set_timesteps(cfg.num_inference_steps, device=self.device)
         shape = (self.unet.config.out_channels, *image_latents.shape[-2:])
-        noise = [torch.randn(shape, generator=torch.Generator().manual_seed(_candidate_seed(seed, i, j)))
-                 for i in range(len(sources)) for j in range(n)]
+        noise = [torch.randn(shape, generator=torch.Generator().manual_seed(_candidate_seed(s, i, j)))
+                 for (s, i), k in zip(seeds, counts, strict=True) for j in range(k)]
         latents = torch.stack(noise).to(self.device, self.dtype) * scheduler.init_noise_sigma
 
         guided = cfg.guidance_scale > 1.0 and cfg.image_guidance_scale >= 1.0
@@ -312,7 +319,8 @@ class DiffusionWorldModel:
 
         images = self.image_processor.postprocess(m.decode(latents).float().cpu(), output_type="pil")
         m.train(was_training)  # sampling mid-training (validation) leaves the training module as it was
-        return [images[i * n:(i + 1) * n] for i in range(len(sources))]
+        ends = np.cumsum(counts).tolist()
+        return [images[end - k:end] for k, end in zip(counts, ends, strict=True)]
 
     def save(self, directory: str) -> None:
         """Write a directory `load_world_model` reads (local or s3://).

@@ -1,0 +1,87 @@
+"""The Serve application: `build_app(args)` is the `import_path` of configs/serve.yaml.
+
+    serve run configs/serve.yaml                 # local, in the foreground
+    serve deploy configs/serve.yaml              # onto a running cluster (KubeRay: the same file's app)
+
+`args` is a `ServeConfig` (typed, unknown keys are errors). Replicas, autoscaling, `num_gpus` and batch
+sizes are Ray Serve's per-deployment settings in the same file, so a cluster operator tunes them
+without touching Python.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the route signatures at runtime (a string
+# annotation on a Serve ingress method is not resolved, and the JSON body would become a query parameter).
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import HTMLResponse
+from ray import serve
+from ray.serve import Application
+from ray.serve.handle import DeploymentHandle
+
+from cwm_ray import storage
+from cwm_ray.config import ConfigError, ServeConfig, from_dict, to_dict
+from cwm_ray.serve.api import PredictRequest, RolloutRequest, Service, create_app, playground_html
+from cwm_ray.serve.deployments import VerifierDeployment, WorldModelDeployment
+
+app = create_app()
+
+
+@serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256)
+@serve.ingress(app)
+class Ingress:
+    """HTTP in, best-of-N out: checks the request, then awaits the WorldModel and Verifier replicas."""
+
+    def __init__(self, world_model: DeploymentHandle, verifier: DeploymentHandle, cfg: dict[str, Any]) -> None:
+        self.service = Service(world_model, verifier, from_dict(ServeConfig, cfg))
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def playground(self) -> HTMLResponse:
+        return HTMLResponse(playground_html())
+
+    @app.get("/healthz")
+    async def healthz(self) -> dict[str, Any]:
+        return await self.service.health()
+
+    @app.get("/v1/models")
+    async def models(self, request: Request) -> dict[str, Any]:
+        self.service.authorize(request)
+        return self.service.models()
+
+    @app.post("/v1/images/edits")
+    async def images_edits(self, request: Request) -> dict[str, Any]:
+        self.service.authorize(request)
+        return await self.service.images_edits(request)
+
+    @app.post("/v1/predict")
+    async def predict(self, body: PredictRequest, request: Request) -> dict[str, Any]:
+        self.service.authorize(request)
+        return await self.service.predict(body)
+
+    @app.post("/v1/rollout")
+    async def rollout(self, body: RolloutRequest, request: Request) -> dict[str, Any]:
+        self.service.authorize(request)
+        return await self.service.rollout(body)
+
+
+def _resolved(cfg: ServeConfig) -> ServeConfig:
+    """Relative model paths are taken from where the app is built (the repo root for `serve run`), and a
+    missing local model is a clear error here rather than a replica that fails to start over and over."""
+    cfg = dataclasses.replace(cfg, world_model=storage.with_local_paths(cfg.world_model),
+                              idm=storage.with_local_paths(cfg.idm))
+    for field, model in (("world_model", cfg.world_model.model), ("idm", cfg.idm.model)):
+        looks_local = model.startswith((".", "/", "~")) or model.count("/") >= 2  # hub ids are "org/name"
+        if model != "toy" and looks_local and not Path(model).exists():
+            raise ConfigError(f"{field}.model: no model at {model}. Train the toy models with `make toy-models`, "
+                              f"or set args.{field}.model to a Hugging Face id, a local path or an s3:// URI.")
+    return cfg
+
+
+def build_app(args: dict[str, Any] | None = None) -> Application:
+    """The application graph: Ingress → (WorldModel, Verifier). Called by `serve run` / `serve deploy`."""
+    cfg = _resolved(from_dict(ServeConfig, args, source="serve application args"))
+    largest = cfg.limits.max_best_of
+    world_model = WorldModelDeployment.bind(to_dict(cfg.world_model), largest)
+    verifier = VerifierDeployment.bind(to_dict(cfg.idm), largest)
+    return Ingress.bind(world_model, verifier, to_dict(cfg))

@@ -5,7 +5,7 @@ TOY_CORPUS := outputs/toy_corpus/corpus.json
 TOY_IDM := outputs/models/toy_idm/config.json
 TOY_WM := outputs/models/toy_world_model/unet/config.json
 
-.PHONY: setup demo test test-slow lint toy-models
+.PHONY: setup demo test test-slow lint toy-models serve
 
 setup:
 	@bash scripts/setup.sh
@@ -24,6 +24,10 @@ $(TOY_WM): $(TOY_CORPUS) | setup
 	$(PY) jobs/train_world_model.py
 
 toy-models: $(TOY_IDM) $(TOY_WM)
+
+# The best-of-N service on the toy models (Ctrl-C stops it): http://127.0.0.1:8000/
+serve: toy-models
+	.venv/bin/serve run configs/serve.yaml
 
 test: setup
 	$(PY) -m ruff check .

@@ -37,6 +37,7 @@ from ray.data.datasource import FilenameProvider
 
 from cwm_ray import storage
 from cwm_ray.config import AnnotateConfig, StageResources
+from cwm_ray.data import actor_stage
 from cwm_ray.filtering import action_class, select
 from cwm_ray.schema import ERROR_SCHEMA, LABEL_FIELDS, PAIR_FIELDS, WEIGHT_FIELDS, encode_image, pair_id
 from cwm_ray.video import VideoError, choose_pairs, iter_frames
@@ -238,8 +239,7 @@ class RecognitionStage:
 
 
 def _actor_kwargs(res: StageResources) -> dict[str, Any]:
-    return {"concurrency": max(1, res.concurrency), "num_cpus": res.num_cpus, "num_gpus": res.num_gpus or None,
-            "batch_size": res.batch_size, "batch_format": "pyarrow"}
+    return actor_stage(res, "pyarrow")
 
 
 # ---------------------------------------------------------------------------------------------- staging
@@ -402,7 +402,8 @@ def annotate(cfg: AnnotateConfig) -> dict[str, Any]:
         ds = ray.data.from_items(todo, override_num_blocks=min(len(todo), 1000))
         ds = ds.map_batches(extract_pairs, fn_kwargs={"cfg": cfg}, batch_size=1, batch_format="pyarrow",
                             num_cpus=cfg.decode.num_cpus,
-                            **({"concurrency": cfg.decode.concurrency} if cfg.decode.concurrency else {}))
+                            **({"compute": ray.data.TaskPoolStrategy(size=cfg.decode.concurrency)}
+                               if cfg.decode.concurrency else {}))
         ds = ds.map_batches(IDMLabeler, fn_constructor_args=(cfg,),
                             **_actor_kwargs(cfg.idm_stage))
         ds = ds.map_batches(RecognitionStage, fn_constructor_args=(cfg, cfg.recognition_stage),

@@ -530,3 +530,78 @@ def from_dict(cls: type[T], values: dict[str, Any] | None, source: str = "argume
         return OmegaConf.to_object(OmegaConf.merge(cfg, OmegaConf.create(values or {})))  # type: ignore[return-value]
     except OmegaConfBaseException as exc:
         raise ConfigError(_format_error(exc, source)) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MetricsConfig:
+    """Automatic metrics. Copying the source wins L1 / CLIP-I / DINO, so they are reported, never trusted alone."""
+
+    l1: bool = True
+    """Mean absolute pixel difference to the reference (0 = identical), at the reference's size."""
+    clip_model: str | None = None
+    """CLIP-I: cosine of CLIP image embeddings, by Hugging Face id or path (e.g. openai/clip-vit-base-patch32)."""
+    dino_model: str | None = None
+    """DINO: cosine of DINO [CLS] features, by id or path (e.g. facebook/dinov2-small)."""
+    toy_judge: bool = False
+    """The toy world's exact judge (edit success, minimal edit, min; 0–10): only for toy-world sets."""
+    idm_agreement: bool = True
+    """Does the IDM, shown source → prediction, say the instruction back (exact match after normalising)?"""
+    device: str = "auto"
+
+
+@dataclass
+class JudgeConfig:
+    """The VIEScore-style LLM judge through any OpenAI-compatible chat-completions endpoint."""
+
+    enabled: bool = False
+    base_url: str | None = None
+    """e.g. https://api.openai.com/v1 or a local vLLM server; None = the openai client's default."""
+    model: str = "gpt-4o"
+    api_key_env: str = "OPENAI_API_KEY"
+    """Environment variable holding the key (never the key itself in a config)."""
+    max_concurrency: int = 4
+    max_retries: int = 4
+    """Retries with exponential backoff on connection errors, 429 and 5xx (the openai client's own)."""
+    timeout_s: float = 120.0
+    temperature: float = 0.0
+    cache_dir: str = f"{DEFAULT_OUTPUT_ROOT}/judge_cache"
+    """Answers cached by a hash of (model, prompt, images): re-running an evaluation costs nothing."""
+
+
+@dataclass
+class EvaluateConfig:
+    """`jobs/evaluate.py`: AURORA-format benchmark → predictions (best-of-N) → metrics, judge, report."""
+
+    bench: str = f"{DEFAULT_OUTPUT_ROOT}/toy_corpus/gold/test.json"
+    """AURORA-format JSON (local or s3://): a list of {input, output?, prompt | instruction, task, ...}."""
+    tasks: list[str] = field(default_factory=list)
+    """Only these tasks (empty = all)."""
+    max_items: int | None = None
+    world_model: WorldModelConfig = field(default_factory=WorldModelConfig)
+    idm: IDMConfig = field(default_factory=IDMConfig)
+    """The verifier of best-of-N (and of the `idm_agreement` metric)."""
+    best_of: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    """Search widths to evaluate. Candidate j's noise depends only on (seed, item, j), so one run of
+    max(best_of) candidates gives every smaller N exactly: N uses the first N candidates."""
+    seed: int = 0
+    endpoint: str | None = None
+    """http://host:8000 of a running Serve app: predictions come from its /v1/predict instead."""
+    endpoint_api_key_env: str = "CWM_API_KEY"
+    endpoint_concurrency: int = 4
+    world_model_stage: StageResources = field(default_factory=lambda: StageResources(concurrency=1, batch_size=8))
+    verifier_stage: StageResources = field(default_factory=lambda: StageResources(concurrency=1, batch_size=8))
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    toy: ToyWorldConfig = field(default_factory=ToyWorldConfig)
+    """The toy world's geometry, for `metrics.toy_judge`."""
+    baselines: list[str] = field(default_factory=lambda: ["copy"])
+    """`copy` scores the source itself as the prediction: the paper's reminder that L1 favours doing nothing."""
+    output: str = f"{DEFAULT_OUTPUT_ROOT}/eval"
+    """Local directory or s3:// prefix: report/index.html, plots, results.json, results.parquet."""
+    report_examples: int = 12
+    storage: StorageConfig = field(default_factory=StorageConfig)

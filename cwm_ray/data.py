@@ -116,3 +116,10 @@ def training_datasets(section: DataSection, cfg: StorageConfig | None = None) ->
     train = trains[0].union(*trains[1:]) if len(trains) > 1 else trains[0]
     val = (vals[0].union(*vals[1:]) if len(vals) > 1 else vals[0]) if vals else None
     return train, val
+
+
+def actor_stage(res: Any, batch_format: str) -> dict[str, Any]:
+    """`map_batches` keyword arguments of a model stage (a StageResources): a fixed actor pool, resources
+    and batch size from config. One helper so annotation and evaluation size their pools alike."""
+    return {"compute": ray.data.ActorPoolStrategy(size=max(1, res.concurrency)), "num_cpus": res.num_cpus,
+            "num_gpus": res.num_gpus or None, "batch_size": res.batch_size, "batch_format": batch_format}

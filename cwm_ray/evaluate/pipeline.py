@@ -1,0 +1,133 @@
+"""evaluate(cfg): benchmark → predictions (best-of-N for every N) → metrics + judge → results and report."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+from cwm_ray import storage
+from cwm_ray.config import EvaluateConfig, to_dict
+from cwm_ray.evaluate.bench import BenchItem, load_bench
+from cwm_ray.evaluate.predict import Prediction, choose, predict
+
+METRIC_ORDER = ["judge_score", "judge_editing_success", "judge_minimal_editing", "toy_score", "toy_edit_success",
+                "toy_minimal_edit", "idm_agreement", "verifier_logp", "l1", "clip_i", "dino"]
+HIGHER_IS_BETTER = {m: m != "l1" for m in METRIC_ORDER}
+
+
+def _systems(cfg: EvaluateConfig) -> list[tuple[str, int | None]]:
+    unknown = set(cfg.baselines) - {"copy"}
+    if unknown:
+        raise ValueError(f"unknown baselines {sorted(unknown)}; known: copy")
+    return [("world_model", n) for n in sorted(set(cfg.best_of))] + [(b, None) for b in cfg.baselines]
+
+
+def score_rows(items: Sequence[BenchItem], predictions: Sequence[Prediction], cfg: EvaluateConfig) -> list[dict]:
+    """One row per (system, best_of, item) with every configured metric; each distinct image is scored once."""
+    from cwm_ray.evaluate.metrics import Metrics
+
+    idm = None
+    if cfg.metrics.idm_agreement:
+        from cwm_ray.idm import InverseDynamicsModel
+
+        idm = InverseDynamicsModel.load(storage.with_local_paths(cfg.idm))
+    # Which image each row shows: ("cand", item, j) or ("copy", item, None).
+    picks: dict[tuple[str, int | None, int], tuple[str, int, int | None]] = {}
+    for system, n in _systems(cfg):
+        for i, pred in enumerate(predictions):
+            wm = system == "world_model"
+            picks[(system, n, i)] = ("cand", i, choose(pred.scores, n)) if wm else ("copy", i, None)
+    unique = sorted(set(picks.values()), key=lambda k: (k[1], k[0], -1 if k[2] is None else k[2]))
+
+    def image(key: tuple[str, int, int | None]) -> bytes:
+        kind, i, j = key
+        return items[i].source if kind == "copy" else predictions[i].candidates[j]
+
+    values = Metrics(cfg.metrics, cfg.toy, idm)(
+        [items[k[1]].source for k in unique], [items[k[1]].action for k in unique], [image(k) for k in unique],
+        [items[k[1]].reference for k in unique])
+    by_key = dict(zip(unique, values, strict=True))
+    if cfg.judge.enabled:
+        from cwm_ray.evaluate.judge import LLMJudge
+
+        verdicts = LLMJudge(cfg.judge).judge_many([(items[k[1]].source, image(k), items[k[1]].action) for k in unique])
+        for k, v in zip(unique, verdicts, strict=True):
+            by_key[k] |= {"judge_score": v.score, "judge_editing_success": v.editing_success,
+                          "judge_minimal_editing": v.minimal_editing, "judge_status": v.status,
+                          "judge_reasoning": v.reasoning or v.raw[:500]}
+    rows = []
+    for (system, n, i), key in picks.items():
+        item, pred = items[i], predictions[i]
+        row = {"system": system, "best_of": n, "id": item.id, "task": item.task, "action": item.action,
+               "chosen": key[2], "verifier_logp": pred.scores[key[2]] if key[2] is not None else None}
+        rows.append(row | by_key[key])
+    return rows
+
+
+def _mean(values: list[Any]) -> float | None:
+    xs = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return sum(xs) / len(xs) if xs else None
+
+
+def summarise(rows: Sequence[dict]) -> dict[str, Any]:
+    """Means per (system, best_of), overall and per task, for every metric present."""
+    metrics = [m for m in METRIC_ORDER if any(r.get(m) is not None for r in rows)]
+    groups: dict[tuple[str, int | None], list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[(r["system"], r["best_of"])].append(r)
+    overall, per_task = [], []
+    for (system, n), rs in groups.items():
+        label = f"{system} (best of {n})" if n is not None else system
+        overall.append({"system": system, "best_of": n, "label": label, "items": len(rs),
+                        **{m: _mean([r.get(m) for r in rs]) for m in metrics}})
+        tasks: dict[str, list[dict]] = defaultdict(list)
+        for r in rs:
+            tasks[r["task"]].append(r)
+        for task, ts in sorted(tasks.items()):
+            per_task.append({"system": system, "best_of": n, "label": label, "task": task, "items": len(ts),
+                             **{m: _mean([r.get(m) for r in ts]) for m in metrics}})
+    judge_status: dict[str, int] = defaultdict(int)
+    for r in rows:
+        if "judge_status" in r:
+            judge_status[r["judge_status"]] += 1
+    return {"metrics": metrics, "overall": overall, "per_task": per_task, "judge_status": dict(judge_status)}
+
+
+def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
+    from cwm_ray.evaluate.report import write_report
+
+    t0 = time.perf_counter()
+    storage.configure(cfg.storage)
+    items = load_bench(cfg.bench, cfg.tasks, cfg.max_items, cfg.storage)
+    print(f"[evaluate] {len(items)} items from {cfg.bench}; best_of {sorted(set(cfg.best_of))}", flush=True)
+    t_pred = time.perf_counter()
+    predictions = predict(items, cfg)
+    pred_seconds = time.perf_counter() - t_pred
+    rows = score_rows(items, predictions, cfg)
+    summary = summarise(rows) | {"bench": cfg.bench, "items": len(items), "endpoint": cfg.endpoint,
+                                 "world_model": cfg.world_model.model, "idm": cfg.idm.model,
+                                 "prediction_seconds": round(pred_seconds, 1),
+                                 "seconds": round(time.perf_counter() - t0, 1), "config": to_dict(cfg)}
+    write_report(cfg, items, predictions, rows, summary)
+    print_table(summary)
+    print(f"[evaluate] report: {storage.join(cfg.output, 'report', 'index.html')}", flush=True)
+    return summary
+
+
+def print_table(summary: dict[str, Any]) -> None:
+    metrics = summary["metrics"]
+    print(f"\n{'system':<28}" + "".join(f"{m:>22}" for m in metrics))
+    for row in summary["overall"]:
+        print(f"{row['label']:<28}" + "".join(f"{_fmt(row.get(m)):>22}" for m in metrics))
+    if summary.get("judge_status"):
+        print(f"judge answers: {summary['judge_status']}")
+
+
+def _fmt(v: float | None) -> str:
+    return "–" if v is None else f"{v:.3f}"
+
+
+__all__ = ["HIGHER_IS_BETTER", "METRIC_ORDER", "evaluate", "score_rows", "summarise"]

@@ -353,3 +353,22 @@ def test_playground_in_headless_chromium(url: str, tmp_path: Path) -> None:
         assert len(driver.find_elements(By.CSS_SELECTOR, "#history figure")) == 2
     finally:
         driver.quit()
+
+
+# -- evaluation against the endpoint -----------------------------------------------------------------------
+def test_evaluation_predictions_from_the_endpoint_match_offline_sampling(url: str, models: dict,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from cwm_ray.config import EvaluateConfig
+    from cwm_ray.evaluate.bench import BenchItem
+    from cwm_ray.evaluate.predict import item_seed, predict
+
+    monkeypatch.setenv("CWM_TEST_CLIENT_KEY", KEY)
+    items = [BenchItem(id=f"e{i}", task="t", action=ACTION, source=_png(10 + i), reference=None) for i in range(2)]
+    cfg = EvaluateConfig(endpoint=url, endpoint_api_key_env="CWM_TEST_CLIENT_KEY", best_of=[1, 3], seed=4)
+    got = predict(items, cfg)
+    wm = load_world_model(WorldModelConfig(model=models["wm"], resolution=RES, num_inference_steps=2, device="cpu"))
+    for item, pred in zip(items, got, strict=True):
+        assert len(pred.candidates) == 3 and len(pred.scores) == 3
+        local = wm.sample([item.source], [item.action], n=3, seed=[item_seed(4, item.id)])[0]
+        for png, want in zip(pred.candidates, local, strict=True):
+            assert np.abs(np.asarray(_decode(_b64(png)), np.int16) - np.asarray(want, np.int16)).max() <= 1

@@ -605,3 +605,26 @@ class EvaluateConfig:
     """Local directory or s3:// prefix: report/index.html, plots, results.json, results.parquet."""
     report_examples: int = 12
     storage: StorageConfig = field(default_factory=StorageConfig)
+
+
+@dataclass
+class ReproduceConfig:
+    """`jobs/reproduce.py`: the paper's ablation table in miniature on the toy world, from nothing.
+
+    Each stage loads its own job's YAML (configs/toy.yaml, train_idm.yaml, annotate.yaml,
+    train_world_model.yaml, evaluate.yaml) and applies the `*_overrides` below, so the stages run
+    exactly as the jobs do; only paths move under `output`.
+    """
+
+    output: str = f"{DEFAULT_OUTPUT_ROOT}/reproduce"
+    best_of: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    synthetic_weight: float = 1.0
+    """Sampling weight of the IDM-annotated triplets beside the gold set (rows b and c)."""
+    reuse: bool = True
+    """Skip a stage whose output is already complete (a re-run after a crash continues)."""
+    corpus_overrides: list[str] = field(default_factory=list)
+    idm_overrides: list[str] = field(default_factory=list)
+    annotate_overrides: list[str] = field(default_factory=list)
+    world_model_overrides: list[str] = field(default_factory=list)
+    evaluate_overrides: list[str] = field(default_factory=lambda: ["max_items=20"])
+    """Default: 20 test items per action kind (100 items), judged for every row and N."""

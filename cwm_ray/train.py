@@ -14,6 +14,7 @@ latest checkpoint and finishes at exactly `optim.max_steps`.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import random
@@ -38,6 +39,7 @@ from cwm_ray.data import training_datasets
 TrainConfig = TrainIDMConfig | TrainWorldModelConfig
 STATE_FILE = "state.json"
 MODEL_DIR = "model"
+MANIFEST = "manifest.rank{rank}.json"
 ENGINE_TAG = "engine"
 
 
@@ -165,15 +167,59 @@ def _validate(engine: _Engine, model: Any, cfg: TrainConfig, device: torch.devic
 def _checkpoint(engine: _Engine, model: Any, state: dict[str, Any], metrics: dict[str, Any]) -> None:
     """Every rank writes its part into a temporary directory and reports it; Ray merges them.
 
-    `state.json` is written last by rank 0: a checkpoint without it is incomplete and never loaded.
+    Each rank also writes `manifest.rank<r>.json` (size and sha256 of every file it wrote), and rank 0's
+    `state.json` names the world size, so a resume can tell a complete checkpoint from a partial upload
+    or a corrupted file (`verify_checkpoint`).
     """
-    rank = ray.train.get_context().get_world_rank()
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
     with tempfile.TemporaryDirectory() as tmp:
         engine.save(tmp)
         if rank == 0:
             model.save(os.path.join(tmp, MODEL_DIR))
-            Path(tmp, STATE_FILE).write_text(json.dumps(state, default=str))
+            Path(tmp, STATE_FILE).write_text(json.dumps(state | {"world_size": ctx.get_world_size()}, default=str))
+        manifest = {str(f.relative_to(tmp)): [f.stat().st_size, _sha256(f)]
+                    for f in sorted(Path(tmp).rglob("*")) if f.is_file()}
+        Path(tmp, MANIFEST.format(rank=rank)).write_text(json.dumps(manifest))
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class CorruptCheckpoint(RuntimeError):
+    """A checkpoint that is incomplete or whose files differ from what was written: never loaded."""
+
+
+def verify_checkpoint(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """The checkpoint's state, after checking every rank's manifest against the files; else CorruptCheckpoint."""
+    d = Path(directory)
+    state_path = d / STATE_FILE
+    if not state_path.exists():
+        raise CorruptCheckpoint(f"checkpoint {d} is incomplete: no {STATE_FILE}")
+    try:
+        state = json.loads(state_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CorruptCheckpoint(f"checkpoint {d}: {STATE_FILE} is not valid JSON ({exc})") from None
+    expected: dict[str, set[tuple[int, str]]] = {}
+    for rank in range(int(state.get("world_size", 1))):
+        manifest = d / MANIFEST.format(rank=rank)
+        if not manifest.exists():
+            raise CorruptCheckpoint(f"checkpoint {d} is incomplete: no {manifest.name}")
+        for name, (size, digest) in json.loads(manifest.read_text()).items():
+            expected.setdefault(name, set()).add((int(size), digest))
+    for name, versions in sorted(expected.items()):
+        f = d / name
+        if not f.is_file():
+            raise CorruptCheckpoint(f"checkpoint {d} is incomplete: {name} is missing")
+        if f.stat().st_size not in {size for size, _ in versions} or _sha256(f) not in {h for _, h in versions}:
+            raise CorruptCheckpoint(f"checkpoint {d} is corrupt: {name} differs from what was written")
+    return state
 
 
 def train_func(config: dict[str, Any]) -> None:
@@ -199,10 +245,7 @@ def train_func(config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            state_path = Path(d, STATE_FILE)
-            if not state_path.exists():
-                raise RuntimeError(f"checkpoint {d} is incomplete: no {STATE_FILE}")
-            state = json.loads(state_path.read_text())
+            state = verify_checkpoint(d)
             engine.load(d)
         state["resumed_from"].append(state["step"])
         if rank == 0:
@@ -309,7 +352,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if result.checkpoint is None:
         raise RuntimeError("training finished without a checkpoint")
     with result.checkpoint.as_directory() as d:
-        state = json.loads(Path(d, STATE_FILE).read_text())
+        state = verify_checkpoint(d)
         export = cfg.train.export
         if storage.is_s3(export):
             storage.upload_dir(Path(d, MODEL_DIR), export, cfg.storage)

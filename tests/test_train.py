@@ -130,3 +130,48 @@ def test_a_relative_model_path_reaches_the_workers(ray_local: None, gold: str, t
                                       "deepspeed.enabled=false", *_common(tmp_path, gold, "runs"),
                                       "scaling.num_workers=1", "train.eval_every=0"])
     assert train(cfg)["steps"] == 2
+
+
+def test_a_corrupt_or_partial_checkpoint_is_detected_not_loaded(ray_local: None, gold: str, tmp_path: Path) -> None:
+    import shutil
+
+    from cwm_ray.train import CorruptCheckpoint, train, verify_checkpoint
+    from cwm_ray.world_model import build_toy_world_model
+
+    model_dir = tmp_path / "tiny_wm"
+    build_toy_world_model(str(model_dir), resolution=16, block_out_channels=(8, 16), patch_size=1,
+                          text_hidden_size=16)
+    args = [f"world_model.model={model_dir}", "world_model.resolution=16", "train.name=wm", "train.max_failures=0",
+            "train.checkpoint_every=4", *_common(tmp_path, gold, str(tmp_path / "runs"))]
+    first = train(load(TrainWorldModelConfig, None, [*args, "optim.max_steps=4"]))
+    ckpt = Path(first["checkpoint"])
+    assert verify_checkpoint(ckpt)["step"] == 4
+    assert sorted(p.name for p in ckpt.glob("manifest.rank*.json")) == ["manifest.rank0.json", "manifest.rank1.json"]
+
+    def broken(how: str) -> Path:
+        copy = tmp_path / f"copy_{how}"
+        shutil.copytree(ckpt, copy)
+        weights = next(copy.glob("model/unet/*.safetensors"))
+        if how == "truncated":
+            weights.write_bytes(weights.read_bytes()[:-100])
+        elif how == "flipped":  # same size, different bytes
+            data = bytearray(weights.read_bytes())
+            data[-10] ^= 0xFF
+            weights.write_bytes(bytes(data))
+        elif how == "no_state":
+            (copy / "state.json").unlink()
+        elif how == "no_manifest":
+            (copy / "manifest.rank1.json").unlink()
+        elif how == "missing_file":
+            weights.unlink()
+        return copy
+
+    for how in ("truncated", "flipped", "no_state", "no_manifest", "missing_file"):
+        with pytest.raises(CorruptCheckpoint):
+            verify_checkpoint(broken(how))
+
+    # The run's own latest checkpoint, corrupted in place: a re-run refuses it instead of loading it.
+    weights = next(ckpt.glob("model/unet/*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(Exception, match="is corrupt"):
+        train(load(TrainWorldModelConfig, None, [*args, "optim.max_steps=8"]))

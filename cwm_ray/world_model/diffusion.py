@@ -371,9 +371,12 @@ def _load_components(model: str, dtype: torch.dtype) -> dict[str, Any]:
     path = storage.local_dir(model)
     has_vae = not Path(path).is_dir() or (Path(path) / "vae").is_dir()
     return {
-        "unet": UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype),
-        "vae": AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype) if has_vae else None,
-        "text_encoder": CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype),
+        # safetensors only: a pickled .bin can run code when loaded
+        "unet": UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype, use_safetensors=True),
+        "vae": AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype,
+                                             use_safetensors=True) if has_vae else None,
+        "text_encoder": CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype,
+                                                      use_safetensors=True),
         "tokenizer": AutoTokenizer.from_pretrained(path, subfolder="tokenizer"),
         "noise_scheduler": DDPMScheduler.from_pretrained(path, subfolder="scheduler"),
     }

@@ -202,7 +202,11 @@ def local_dir(uri: str, cache_root: str | os.PathLike[str] | None = None, cfg: S
     if not done.exists():
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=root, prefix=".dl-"))
-        download_dir(uri, tmp, cfg)
+        try:
+            download_dir(uri, tmp, cfg)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # a failed download leaves nothing that looks like a model
+            raise
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)

@@ -5,7 +5,7 @@ TOY_CORPUS := outputs/toy_corpus/corpus.json
 TOY_IDM := outputs/models/toy_idm/config.json
 TOY_WM := outputs/models/toy_world_model/unet/config.json
 
-.PHONY: setup demo test test-slow lint toy-models serve
+.PHONY: setup demo test test-slow test-faults lint toy-models serve bench
 
 setup:
 	@bash scripts/setup.sh
@@ -36,5 +36,19 @@ test: setup
 test-slow: setup
 	$(PY) -m pytest -m slow
 
+test-faults: setup
+	$(PY) -m pytest -m fault
+
 lint: setup
 	$(PY) -m ruff check .
+
+# Speed benchmarks (issue 9): each prints one JSON line per figure (ratios against a baseline measured in the
+# same run), also appended to bench/results.jsonl. p1_annotation.py prints P1, P5 and P7 from one run.
+# P6 (jobs/reproduce.py end to end, about 20 minutes) runs only with BENCH_P6=1.
+bench: setup
+	BENCH_RESULTS=bench/results.jsonl $(PY) bench/p1_annotation.py
+	BENCH_RESULTS=bench/results.jsonl $(PY) bench/p2_best_of_n.py
+	BENCH_RESULTS=bench/results.jsonl $(PY) bench/p3_serving.py
+	BENCH_RESULTS=bench/results.jsonl $(PY) bench/p4_training.py
+	@if [ "$(BENCH_P6)" = "1" ]; then BENCH_RESULTS=bench/results.jsonl $(PY) bench/p6_toy_loop.py; \
+	else echo "P6 skipped (BENCH_P6=1 runs jobs/reproduce.py end to end, about 20 minutes)"; fi

@@ -123,6 +123,7 @@ def test_pairs_are_real_action_segments(first_run: tuple[dict, Path], assets: di
     assert exact / len(pairs) >= 0.9, (exact, len(pairs))
 
 
+@pytest.mark.fault
 def test_bad_inputs_become_error_rows(first_run: tuple[dict, Path]) -> None:
     summary, out = first_run
     errors = {Path(e["video_uri"]).name: e for e in _table(out / "errors" / "errors.parquet")}
@@ -152,6 +153,7 @@ def test_per_corpus_budget_weights_and_aurora_export(first_run: tuple[dict, Path
     assert json.loads((out / "summary.json").read_text())["triplets"] == len(triplets)
 
 
+@pytest.mark.fault
 def test_resume_after_a_crash_redoes_only_what_was_lost(first_run: tuple[dict, Path], assets: dict[str, Path],
                                                         tmp_path: Path) -> None:
     summary, out = first_run
@@ -169,6 +171,7 @@ def test_resume_after_a_crash_redoes_only_what_was_lost(first_run: tuple[dict, P
     assert annotate(_cfg(assets, str(crashed)))["videos_skipped"] == again["videos"]
 
 
+@pytest.mark.fault
 def test_a_killed_idm_actor_loses_nothing(first_run: tuple[dict, Path], assets: dict[str, Path],
                                           tmp_path: Path) -> None:
     summary, out = first_run
@@ -210,6 +213,7 @@ def test_tar_member_bytes_match_the_file(assets: dict[str, Path]) -> None:
     assert read_video_bytes(uri, cfg) == expected != b""
 
 
+@pytest.mark.fault
 def test_resume_after_the_job_process_is_killed_halfway(first_run: tuple[dict, Path], assets: dict[str, Path],
                                                         tmp_path: Path) -> None:
     """SIGKILL the whole job (driver and its Ray processes) once staging has begun, then run it again."""

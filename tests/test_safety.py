@@ -12,6 +12,8 @@ from cwm_ray.idm import InverseDynamicsModel, build_toy_idm
 from cwm_ray.world_model import load_world_model
 from cwm_ray.world_model.diffusion import build_toy_world_model
 
+pytestmark = pytest.mark.fault
+
 
 def test_idm_refuses_pickled_weights(tmp_path: Path) -> None:
     import torch

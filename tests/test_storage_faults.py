@@ -19,6 +19,8 @@ from cwm_ray.config import StorageConfig
 SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
              b"<Message>Please reduce your request rate.</Message></Error>")
 
+pytestmark = pytest.mark.fault
+
 
 class FaultProxy:
     """Forwards S3 requests to moto; answers 503 SlowDown to the next `fail_next` requests (or to every

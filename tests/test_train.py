@@ -45,6 +45,7 @@ def _common(tmp_path: Path, gold: str, storage_path: str, **kw: object) -> list[
     return [f"{k}={v}" for k, v in overrides.items()] + [f"data.sources=[{{uri: {gold}}}]"]
 
 
+@pytest.mark.fault
 def test_idm_resumes_after_a_worker_dies_and_checkpoints_land_on_s3(
     ray_local: None, gold: str, s3_bucket: str, tmp_path: Path
 ) -> None:
@@ -132,6 +133,7 @@ def test_a_relative_model_path_reaches_the_workers(ray_local: None, gold: str, t
     assert train(cfg)["steps"] == 2
 
 
+@pytest.mark.fault
 def test_a_corrupt_or_partial_checkpoint_is_detected_not_loaded(ray_local: None, gold: str, tmp_path: Path) -> None:
     import shutil
 

@@ -45,3 +45,17 @@ def s3_bucket(moto_server: str, request: pytest.FixtureRequest, monkeypatch: pyt
     monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server)
     yield f"s3://{name}"
     storage.configure(StorageConfig())
+
+
+@pytest.fixture
+def browser() -> Iterator[object]:
+    """Debian's Chromium, headless, through selenium and Debian's chromedriver (no browser download)."""
+    from selenium import webdriver
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = "/usr/bin/chromium"
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1200,1600"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService("/usr/bin/chromedriver"))
+    yield driver
+    driver.quit()

@@ -250,7 +250,8 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     return {"wm": str(root / "wm"), "idm": str(root / "idm")}
 
 
-def test_evaluate_end_to_end_and_the_report_in_chromium(tmp_path: Path, tiny_models: dict[str, str]) -> None:
+def test_evaluate_end_to_end_and_the_report_in_chromium(tmp_path: Path, tiny_models: dict[str, str],
+                                                        browser: object) -> None:
     import ray
 
     from cwm_ray.evaluate.pipeline import evaluate
@@ -286,24 +287,16 @@ def test_evaluate_end_to_end_and_the_report_in_chromium(tmp_path: Path, tiny_mod
     report = tmp_path / "eval" / "report"
     assert (report / "score_vs_n.png").stat().st_size > 1000 and (report / "per_task.png").stat().st_size > 1000
 
-    from selenium import webdriver
     from selenium.webdriver.common.by import By
 
-    options = webdriver.ChromeOptions()
-    options.binary_location = "/usr/bin/chromium"
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1200,1600"):
-        options.add_argument(arg)
-    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService("/usr/bin/chromedriver"))
-    try:
-        driver.get((report / "index.html").as_uri())
-        assert driver.find_element(By.TAG_NAME, "h1").text == "cwm_ray evaluation"
-        images = driver.find_elements(By.TAG_NAME, "img")
-        assert len(images) >= 2 + 6 * 3
-        broken = driver.execute_script(
-            "return [...document.images].filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.src)")
-        assert broken == []
-        assert "copy" in driver.find_element(By.TAG_NAME, "table").text
-        ARTIFACTS.mkdir(parents=True, exist_ok=True)
-        driver.save_screenshot(str(ARTIFACTS / "report.png"))
-    finally:
-        driver.quit()
+    driver = browser
+    driver.get((report / "index.html").as_uri())
+    assert driver.find_element(By.TAG_NAME, "h1").text == "cwm_ray evaluation"
+    images = driver.find_elements(By.TAG_NAME, "img")
+    assert len(images) >= 2 + 6 * 3
+    broken = driver.execute_script(
+        "return [...document.images].filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.src)")
+    assert broken == []
+    assert "copy" in driver.find_element(By.TAG_NAME, "table").text
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    driver.save_screenshot(str(ARTIFACTS / "report.png"))

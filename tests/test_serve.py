@@ -328,46 +328,38 @@ def test_a_replica_killed_during_a_burst_loses_no_request(url: str) -> None:
 
 
 # -- the playground --------------------------------------------------------------------------------------------
-def test_playground_in_headless_chromium(url: str, tmp_path: Path) -> None:
-    from selenium import webdriver
+def test_playground_in_headless_chromium(url: str, tmp_path: Path, browser: object) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
     frame = tmp_path / "frame.png"
     frame.write_bytes(_png(6))
-    options = webdriver.ChromeOptions()
-    options.binary_location = "/usr/bin/chromium"
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1100,900"):
-        options.add_argument(arg)
-    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService("/usr/bin/chromedriver"))
-    try:
-        driver.get(url + "/")
-        driver.find_element(By.ID, "image").send_keys(str(frame))
-        driver.find_element(By.ID, "action").send_keys(ACTION)
-        best_of = driver.find_element(By.ID, "best_of")
-        best_of.clear()
-        best_of.send_keys("3")
-        driver.find_element(By.ID, "key").send_keys(KEY)
-        driver.find_element(By.ID, "submit").click()
-        wait = WebDriverWait(driver, 120)
-        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#candidates figure")) == 3)
-        assert not driver.find_element(By.ID, "error").text
-        chosen = driver.find_elements(By.CSS_SELECTOR, "#candidates figure.chosen")
-        assert len(chosen) == 1 and "chosen" in chosen[0].text and "log p" in chosen[0].text
-        loaded = driver.execute_script(
-            "return [...document.querySelectorAll('#candidates img')].every(i => i.complete && i.naturalWidth > 0)")
-        assert loaded
-        ARTIFACTS.mkdir(parents=True, exist_ok=True)
-        driver.save_screenshot(str(ARTIFACTS / "playground.png"))
-        assert (ARTIFACTS / "playground.png").stat().st_size > 1000
+    driver = browser
+    driver.get(url + "/")
+    driver.find_element(By.ID, "image").send_keys(str(frame))
+    driver.find_element(By.ID, "action").send_keys(ACTION)
+    best_of = driver.find_element(By.ID, "best_of")
+    best_of.clear()
+    best_of.send_keys("3")
+    driver.find_element(By.ID, "key").send_keys(KEY)
+    driver.find_element(By.ID, "submit").click()
+    wait = WebDriverWait(driver, 120)
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#candidates figure")) == 3)
+    assert not driver.find_element(By.ID, "error").text
+    chosen = driver.find_elements(By.CSS_SELECTOR, "#candidates figure.chosen")
+    assert len(chosen) == 1 and "chosen" in chosen[0].text and "log p" in chosen[0].text
+    loaded = driver.execute_script(
+        "return [...document.querySelectorAll('#candidates img')].every(i => i.complete && i.naturalWidth > 0)")
+    assert loaded
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    driver.save_screenshot(str(ARTIFACTS / "playground.png"))
+    assert (ARTIFACTS / "playground.png").stat().st_size > 1000
 
-        chosen_src = chosen[0].find_element(By.TAG_NAME, "img").get_attribute("src")
-        wait.until(ec.element_to_be_clickable((By.ID, "continue"))).click()  # continue the rollout from it
-        assert driver.find_element(By.ID, "source").get_attribute("src") == chosen_src
-        assert len(driver.find_elements(By.CSS_SELECTOR, "#history figure")) == 2
-    finally:
-        driver.quit()
+    chosen_src = chosen[0].find_element(By.TAG_NAME, "img").get_attribute("src")
+    wait.until(ec.element_to_be_clickable((By.ID, "continue"))).click()  # continue the rollout from it
+    assert driver.find_element(By.ID, "source").get_attribute("src") == chosen_src
+    assert len(driver.find_elements(By.CSS_SELECTOR, "#history figure")) == 2
 
 
 # -- evaluation against the endpoint -----------------------------------------------------------------------

@@ -236,11 +236,25 @@ class RecognitionConfig:
 
 
 @dataclass
+class TokenSamplingConfig:
+    """How the `token` backend samples image tokens (the paper: temperature 1, non-image tokens masked)."""
+
+    temperature: float = 1.0
+    """Softmax temperature of each image token; 0 = greedy (argmax), which makes all n candidates equal."""
+    top_k: int = 0
+    """Sample among the k likeliest codes only; 0 = the whole codebook."""
+    guidance_scale: float = 1.0
+    """Classifier-free guidance over the action text (Janus uses 5); 1 = none, > 1 also runs the batch with
+    the action dropped, which training teaches through `conditioning_dropout`."""
+
+
+@dataclass
 class WorldModelConfig:
     """The world model: source image + action → next image."""
 
     backend: str = "diffusion"
-    """`diffusion` (InstructPix2Pix architecture)."""
+    """`diffusion` (InstructPix2Pix architecture) or `token` (an early-fusion VQ-token model: Janus, see
+    cwm_ray.world_model.token)."""
     model: str = "outputs/models/toy_world_model"
     """Hugging Face id, local or s3:// path of an InstructPix2Pix-style checkpoint; `toy` builds a tiny one."""
     adapter: str | None = None
@@ -259,6 +273,8 @@ class WorldModelConfig:
     lora: LoRAConfig = field(
         default_factory=lambda: LoRAConfig(target_modules=["to_q", "to_k", "to_v", "to_out.0"])
     )
+    token: TokenSamplingConfig = field(default_factory=TokenSamplingConfig)
+    """Sampling of the `token` backend (the diffusion settings above do not apply to it)."""
 
 
 # ---------------------------------------------------------------------------------------------

@@ -45,8 +45,10 @@ class RecognitionWeights:
     """A Ray Data `map_batches` actor: adds `weights` (float16 bytes) and `weights_shape` ([h, w]) columns.
 
     The encoder is the world model's own (`encode_features`: the VAE encoder's latent mean, or pixels for
-    the pixel-space toy), so the map lives on exactly the grid the loss is computed on. With recognition
-    disabled it writes all-ones maps, so the unweighted ablation runs through the same pipeline.
+    the pixel-space toy; for the `token` backend the VQ encoder's features before quantization,
+    `quant_conv(encoder(x))`, one per image token, as in the paper), so the map lives on exactly the grid
+    the loss is computed on. With recognition disabled it writes all-ones maps, so the unweighted ablation
+    runs through the same pipeline.
     """
 
     def __init__(self, world_model_cfg: WorldModelConfig, recognition_cfg: RecognitionConfig | None = None,

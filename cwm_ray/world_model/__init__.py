@@ -1,7 +1,7 @@
 """The world model p(o_t | o_s, a): one protocol, one backend per model family.
 
 Why a protocol and not a base class: the training loop, the recognition actors and Serve only need
-these six methods, and each backend (diffusers InstructPix2Pix now, an early-fusion token model later)
+these six methods, and each backend (diffusers InstructPix2Pix, an early-fusion VQ-token model)
 keeps the vocabulary of its own library behind them.
 """
 
@@ -19,7 +19,7 @@ from cwm_ray.config import RecognitionConfig, WorldModelConfig
 ImageLike = Image.Image | bytes | np.ndarray
 """Anything `cwm_ray.schema.decode_image` accepts: a PIL image, encoded bytes or an HxWx3 uint8 array."""
 
-BACKENDS = ("diffusion",)
+BACKENDS = ("diffusion", "token")
 
 
 @runtime_checkable
@@ -64,6 +64,10 @@ def load_world_model(cfg: WorldModelConfig, recognition: RecognitionConfig | Non
         from cwm_ray.world_model.diffusion import DiffusionWorldModel
 
         return DiffusionWorldModel(cfg, recognition)
+    if cfg.backend == "token":
+        from cwm_ray.world_model.token import TokenWorldModel
+
+        return TokenWorldModel(cfg, recognition)
     raise ValueError(f"unknown world model backend {cfg.backend!r}; known backends: {', '.join(BACKENDS)}")
 
 
@@ -75,4 +79,8 @@ def __getattr__(name: str) -> Any:  # lazy, so importing the protocol does not i
         from cwm_ray.world_model import diffusion
 
         return getattr(diffusion, name)
+    if name in ("TokenWorldModel", "build_toy_token_world_model"):
+        from cwm_ray.world_model import token
+
+        return getattr(token, name)
     raise AttributeError(name)

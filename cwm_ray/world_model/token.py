@@ -1,0 +1,556 @@
+"""The token world model: an early-fusion VLM that writes the next image as VQ tokens (the paper's model kind).
+
+Why Janus and not Chameleon / Anole: in transformers, `ChameleonForConditionalGeneration` masks the
+image-token logits and `ChameleonVQVAE` has no decoder, so it cannot write an image without a ported VQGAN
+decoder and its weights. `JanusForConditionalGeneration` ships all the parts: a VQ-VAE with encoder,
+quantizer and decoder (`model.vqmodel`), an image-token input path (`generation_embeddings` →
+`generation_aligner`, i.e. `prepare_embeddings_for_image_generation`) and an image-token output head
+(`generation_head`). Its `generate(generation_mode="image")` is text-to-image only, so the image-conditioned
+training step and sampler are built here from those parts:
+
+    [bos] <boi> source image tokens <eoi> action text <boi> target image tokens
+
+Source and target tokens are embedded by the same generation path, the Llama runs once, and the loss is
+the generation head's cross-entropy on the target image tokens only, each multiplied by its recognition
+weight (§Strategy 1). The weights come from the model's own VQ encoder before quantization
+(`quant_conv(encoder(x))`, as the paper does for Chameleon), one per token. Sampling (§Strategy 2) is an
+autoregressive loop over the image-token positions with a KV cache, batched over inputs × candidates
+(× 2 with classifier-free guidance, the action text replaced by padding as Janus does), one seeded
+`torch.Generator` per candidate, decoded by the VQ decoder.
+
+Tokenization normalises both the pre-quantization features and the codebook (cosine nearest code), as the
+original Janus / LlamaGen quantizer (`codebook_l2_norm`) does and as `get_codebook_entry` (the decoder's
+input) does; transformers' `JanusVQVAEVectorQuantizer.forward` skips that normalisation.
+
+The toy model (`build_toy_token_world_model`, `model: toy`) is the same classes with tiny configs: a
+4-layer Llama and a VQ-VAE with one token per 8-pixel toy cell (64 tokens at 64 px). A VQ-VAE learns its
+codebook in a training of its own, so the toy's VQ is *constructed*, not trained, and frozen:
+- encoder: the conv stack is set to a linear patch codec (2×2 average pooling, then space-to-depth), so a
+  token's pre-quantization feature is its cell's 4×4 grid of pooled colours minus the background, plus one
+  constant channel (`_TOY_PAD`). Residual branches and attention outputs are zero (identities), and the
+  GroupNorm before `conv_out` is made a fixed scale by filler channels that dominate each group's variance.
+- codebook: the features of the toy palette (background, and each shape × colour), so a still toy frame
+  tokenizes exactly, and the squared feature distance of two tokens is their pooled-pixel distance.
+- decoder: renders each token as its cell's mean colour. A VQGAN decoder (nearest upsampling + 3×3 convs)
+  is translation-invariant, so no linear setting of it can draw a shape inside a token; drawing shapes
+  needs a trained decoder (not attempted here: a follow-up). The LM's training and recognition weights
+  do not depend on the decoder; sampled toy images show where objects are and their colours, not shapes.
+
+Images are resized to the VQ's native side (toy: `resolution`; Janus-Pro: 384) and samples come out at
+it; `WorldModelConfig.resolution` only sizes a fresh toy.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from transformers import AutoTokenizer, JanusForConditionalGeneration, PreTrainedTokenizerBase
+
+from cwm_ray import storage
+from cwm_ray.config import TOY, RecognitionConfig, WorldModelConfig
+from cwm_ray.recognition import recognition_weights
+from cwm_ray.schema import decode_image, weights_from_bytes
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+BOI, EOI, IMAGE = "<begin_of_image>", "<end_of_image>", "<image_placeholder>"
+"""Janus's image delimiters and placeholder, by name (the toy tokenizer adds the same three)."""
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+"""peft's file name: with adapter_config.json, a LoRA directory in peft's own layout."""
+
+
+def weighted_nll(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """Mean over tokens of weight × NLL: (B, N, V) logits, (B, N) codes, (B, N) weights or None = ones.
+
+    Recognition maps have mean 1 per image, so the mean keeps the loss on the cross-entropy's scale, and
+    all-ones weights give exactly `F.cross_entropy(..., reduction="mean")`: one code path for both.
+    """
+    nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
+    return nll.mean() if weights is None else (weights.to(nll) * nll).mean()
+
+
+def pool_to_grid(weights: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """(B, h, w) weights at any grid → (B, H, W) on the token grid by area averaging (keeps the mean)."""
+    w = weights.float()[:, None]
+    if tuple(w.shape[-2:]) != tuple(size):
+        w = F.interpolate(w, size=tuple(size), mode="area")
+    return w[:, 0]
+
+
+class JanusWorldModule(nn.Module):
+    """Janus with the frozen VQ-VAE: what a DDP / DeepSpeed engine wraps; `forward(**collated)` is the loss."""
+
+    def __init__(self, model: JanusForConditionalGeneration, special_ids: dict[str, int],
+                 conditioning_dropout: float = 0.0) -> None:
+        super().__init__()
+        self.model = model
+        self.ids = special_ids  # bos, boi, eoi, pad
+        self.conditioning_dropout = conditioning_dropout
+        self.vq.requires_grad_(False).eval()
+
+    @property
+    def vq(self) -> nn.Module:
+        return self.model.model.vqmodel
+
+    @property
+    def grid(self) -> int:
+        return self.vq.quantize.quant_state_dims[0]
+
+    def train(self, mode: bool = True) -> JanusWorldModule:
+        super().train(mode)
+        self.vq.eval()  # frozen, as Janus's own VQ model is
+        return self
+
+    # -- the VQ side -------------------------------------------------------------------------------------
+    def pre_quant(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) features just before quantization: `quant_conv(encoder(x))`."""
+        return self.vq.quant_conv(self.vq.encoder(pixel_values.to(self.vq.quant_conv.weight)))
+
+    def tokenize(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, h·w) image codes: the codebook entry of highest cosine with each feature (see module doc)."""
+        z = self.pre_quant(pixel_values).flatten(2).transpose(1, 2).double()
+        book = self.vq.quantize.embedding.weight.double()
+        return (F.normalize(z, dim=-1) @ F.normalize(book, dim=-1).T).argmax(-1)
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """(B, h·w) codes → (B, 3, H, W) pixels in [-1, 1] through the VQ decoder."""
+        return self.vq.decode(codes).float().clamp(-1, 1)
+
+    # -- the language model side -------------------------------------------------------------------------
+    def layout(self, source_codes: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               target_codes: torch.Tensor | None = None, drop_text: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Left-padded `[bos] <boi> src <eoi> text <boi> tgt[:-1]` → (ids, is_image, attention mask).
+
+        Dropped text (conditioning dropout, the unconditional half of guidance) becomes pad tokens that
+        stay attended, as Janus's own image generation builds its unconditional prompt.
+        """
+        rows = []
+        for b in range(source_codes.shape[0]):
+            text = input_ids[b][attention_mask[b].bool()]
+            if drop_text is not None and bool(drop_text[b]):
+                text = torch.full_like(text, self.ids["pad"])
+            special = {k: torch.tensor([v], dtype=torch.long, device=text.device) for k, v in self.ids.items()}
+            parts = [(special["bos"], False), (special["boi"], False), (source_codes[b], True),
+                     (special["eoi"], False), (text, False), (special["boi"], False)]
+            if target_codes is not None:
+                parts.append((target_codes[b, :-1], True))
+            flags = [torch.full((len(p),), img, dtype=torch.bool, device=p.device) for p, img in parts]
+            rows.append((torch.cat([p for p, _ in parts]), torch.cat(flags)))
+        length = max(len(ids) for ids, _ in rows)
+        device = source_codes.device
+        ids = torch.full((len(rows), length), self.ids["pad"], dtype=torch.long, device=device)
+        is_image = torch.zeros(len(rows), length, dtype=torch.bool, device=device)
+        mask = torch.zeros(len(rows), length, dtype=torch.long, device=device)
+        for b, (row, img) in enumerate(rows):
+            ids[b, length - len(row):], is_image[b, length - len(row):], mask[b, length - len(row):] = row, img, 1
+        return ids, is_image, mask
+
+    def embed(self, ids: torch.Tensor, is_image: torch.Tensor) -> torch.Tensor:
+        """Text tokens through the LM's embeddings, image codes through Janus's generation embeddings."""
+        text = self.model.get_input_embeddings()(torch.where(is_image, 0, ids))
+        image = self.model.prepare_embeddings_for_image_generation(torch.where(is_image, ids, 0))
+        return torch.where(is_image[..., None], image.to(text.dtype), text)
+
+    def run(self, embeds: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor,
+            cache: Any = None) -> Any:
+        return self.model.model.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
+                                               cache=cache, use_cache=cache is not None or not self.training)
+
+    def image_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.model.generation_head(hidden)
+
+    def forward(self, source_pixel_values: torch.Tensor, target_pixel_values: torch.Tensor, input_ids: torch.Tensor,
+                attention_mask: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        with torch.no_grad():
+            source = self.tokenize(source_pixel_values)
+            target = self.tokenize(target_pixel_values)
+        drop = (torch.rand(source.shape[0]) < self.conditioning_dropout) if self.training else None
+        ids, is_image, mask = self.layout(source, input_ids, attention_mask, target, drop)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        hidden = self.model.model.language_model(inputs_embeds=self.embed(ids, is_image), attention_mask=mask,
+                                                 position_ids=positions, use_cache=False).last_hidden_state
+        n = target.shape[1]  # left padding: the last n positions predict the n target codes
+        logits = self.image_logits(hidden[:, -n:])
+        return weighted_nll(logits, target, None if weights is None else weights.flatten(1))
+
+
+class TokenWorldModel:
+    """The `token` backend of the WorldModel protocol (see cwm_ray.world_model)."""
+
+    def __init__(self, cfg: WorldModelConfig, recognition: RecognitionConfig | None = None,
+                 components: dict[str, Any] | None = None) -> None:
+        self.cfg = cfg
+        self.recognition = recognition or RecognitionConfig()
+        self.device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
+                                   else "cpu" if cfg.device == "auto" else cfg.device)
+        self.dtype = _DTYPES[cfg.dtype]
+        if components is None and cfg.model == TOY:
+            components = toy_components(cfg.resolution)
+        elif components is None:
+            path = storage.local_dir(cfg.model)
+            components = {"model": JanusForConditionalGeneration.from_pretrained(path, dtype=self.dtype,
+                                                                                 use_safetensors=True),
+                          "tokenizer": AutoTokenizer.from_pretrained(path)}
+        self.model: JanusForConditionalGeneration = components["model"]
+        self.tokenizer: PreTrainedTokenizerBase = components["tokenizer"]
+        self.is_lora = bool(cfg.adapter or cfg.lora.enabled)
+        if cfg.adapter:
+            _load_adapter(self.language_model, storage.local_dir(cfg.adapter))
+        elif cfg.lora.enabled:
+            from peft import LoraConfig, inject_adapter_in_model
+
+            names = "|".join(m.replace(".", r"\.") for m in cfg.lora.target_modules)
+            inject_adapter_in_model(LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                                               target_modules=rf".*\.({names})"), self.language_model)
+        tok = self.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        ids = {"bos": tok.bos_token_id, "boi": tok.convert_tokens_to_ids(BOI), "eoi": tok.convert_tokens_to_ids(EOI),
+               "pad": pad}
+        if any(v is None or v == tok.unk_token_id for v in ids.values()):
+            raise ValueError(f"{cfg.model}: the tokenizer lacks one of bos, pad, {BOI}, {EOI}: {ids}")
+        self.module = JanusWorldModule(self.model, ids, cfg.conditioning_dropout).to(self.device)
+        self.module.eval()
+        vq = self.model.config.vq_config
+        self.resolution = self.module.grid * 2 ** (len(vq.channel_multiplier) - 1)
+        """The VQ's native image side: inputs are resized to it and samples come out at it."""
+
+    @property
+    def language_model(self) -> nn.Module:
+        """The Llama inside Janus: where LoRA goes (the SigLIP tower also has q_proj, ... and stays out)."""
+        return self.model.model.language_model
+
+    # -- helpers -----------------------------------------------------------------------------------------
+    def _pixels(self, images: Sequence[Any]) -> torch.Tensor:
+        """Images → (B, 3, r, r) in [-1, 1] at the VQ's native resolution (Janus: mean = std = 0.5)."""
+        r = self.resolution
+        arrays = []
+        for im in images:
+            pil = decode_image(im)
+            if pil.size != (r, r):
+                pil = pil.resize((r, r), Image.Resampling.BICUBIC)
+            arrays.append(np.asarray(pil, dtype=np.float32))
+        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1.0
+
+    def _tokenize_text(self, actions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        enc = self.tokenizer([str(a) for a in actions], padding=True, add_special_tokens=False, return_tensors="pt")
+        return enc.input_ids, enc.attention_mask
+
+    # -- the protocol ------------------------------------------------------------------------------------
+    def loss(self, batch: dict[str, torch.Tensor], weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Recognition-weighted image-token NLL of a collated batch (see `weighted_nll`)."""
+        return self.module(**{k: v for k, v in batch.items() if k != "weights"}, weights=weights)
+
+    @torch.no_grad()
+    def encode_features(self, images: Sequence[Any] | torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) VQ-encoder features before quantization, one position per image token.
+
+        A tensor is taken as pixel values in [-1, 1] already at the native resolution.
+        """
+        pixels = images if isinstance(images, torch.Tensor) else self._pixels(images)
+        return self.module.pre_quant(pixels.to(self.device)).float()
+
+    def collate(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        """A Ray Data numpy batch (source, target PNG bytes; action; optional weights) → forward's kwargs.
+
+        Rows without precomputed `weights` get recognition weights from this model's own VQ encoder; with
+        recognition disabled every map is all ones, so the ablation runs through the same code path.
+        """
+        source = self._pixels(list(batch["source"]))
+        target = self._pixels(list(batch["target"]))
+        grid = (self.module.grid, self.module.grid)
+        if not self.recognition.enabled:
+            weights = torch.ones(len(source), *grid)
+        elif batch.get("weights") is not None:
+            maps = [torch.from_numpy(weights_from_bytes(b, s)) for b, s in
+                    zip(batch["weights"], batch["weights_shape"], strict=True)]
+            weights = torch.cat([pool_to_grid(m[None], grid) for m in maps])
+        else:
+            weights = recognition_weights(self.encode_features(source), self.encode_features(target),
+                                          self.recognition.floor).cpu()
+        input_ids, attention_mask = self._tokenize_text(list(batch["action"]))
+        return {"source_pixel_values": source, "target_pixel_values": target, "input_ids": input_ids,
+                "attention_mask": attention_mask, "weights": weights}
+
+    def training_module(self) -> nn.Module:
+        """LoRA parameters only with an adapter; else the LM with the image-token embeddings and head.
+
+        The VQ-VAE and the understanding encoder (SigLIP + aligner, unused here) stay frozen.
+        """
+        m = self.model.model
+        self.model.requires_grad_(False)
+        if self.is_lora:
+            for name, param in self.model.named_parameters():
+                if "lora_" in name:
+                    param.requires_grad_(True)
+        else:
+            for part in (m.language_model, m.generation_embeddings, m.generation_aligner, m.generation_head):
+                part.requires_grad_(True)
+        for param in self.model.parameters():
+            if param.requires_grad:
+                param.data = param.data.float()  # fp32 master weights under fp16/bf16
+        return self.module.train()
+
+    @torch.no_grad()
+    def sample(self, sources: Sequence[Any], actions: Sequence[str], n: int | Sequence[int] = 1,
+               seed: int | Sequence[int] = 0) -> list[list[Image.Image]]:
+        """n candidates per (source, action): one batched autoregressive loop over all image tokens.
+
+        Candidate j of input i draws every token from its own generator seeded by (seed, i, j), or by
+        (seed[i], 0, j) when seeds are per input (Serve), so it does not depend on the rest of the batch.
+        Guidance (`token.guidance_scale` > 1) mixes the logits with those of the action-dropped prompt.
+        """
+        from cwm_ray.world_model.diffusion import _candidate_seed
+
+        if len(sources) != len(actions):
+            raise ValueError(f"{len(sources)} sources but {len(actions)} actions")
+        counts = [n] * len(sources) if isinstance(n, int) else [int(k) for k in n]
+        seeds = [(seed, i) for i in range(len(sources))] if isinstance(seed, int) else [(int(s), 0) for s in seed]
+        if len(counts) != len(sources) or len(seeds) != len(sources) or min(counts, default=1) < 1:
+            raise ValueError(f"need one n >= 1 and one seed per source; got n={n!r}, seed={seed!r}")
+        if not sources:
+            return []
+        m, opts, was_training = self.module, self.cfg.token, self.module.training
+        m.eval()
+        repeats = torch.tensor(counts)
+        source = m.tokenize(self._pixels(sources).to(self.device)).repeat_interleave(repeats.to(self.device), 0)
+        input_ids, text_mask = (t.repeat_interleave(repeats, 0).to(self.device) for t in self._tokenize_text(actions))
+        total = source.shape[0]
+        guided = opts.guidance_scale != 1.0
+        drop = torch.tensor([False] * total + [True] * total) if guided else None
+        if guided:
+            source, input_ids, text_mask = (torch.cat([t, t]) for t in (source, input_ids, text_mask))
+        ids, is_image, mask = m.layout(source, input_ids, text_mask, None, drop)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        gens = [torch.Generator().manual_seed(_candidate_seed(s, i, j))
+                for (s, i), k in zip(seeds, counts, strict=True) for j in range(k)]
+
+        from transformers import DynamicCache
+
+        out = m.run(m.embed(ids, is_image), mask, positions, cache=DynamicCache(config=self.model.config.text_config))
+        codes = []
+        for _ in range(m.grid**2):
+            logits = m.image_logits(out.last_hidden_state[:, -1]).float().cpu()
+            if guided:
+                cond, uncond = logits.chunk(2)
+                logits = uncond + opts.guidance_scale * (cond - uncond)
+            code = self._draw(logits, gens, opts.temperature, opts.top_k)
+            codes.append(code)
+            step = torch.cat([code, code]) if guided else code
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            positions = positions[:, -1:] + 1
+            out = m.run(self.model.prepare_embeddings_for_image_generation(step[:, None].to(self.device)),
+                        mask, positions, cache=out.cache)
+        pixels = m.decode(torch.stack(codes, 1).to(self.device))
+        arrays = ((pixels.permute(0, 2, 3, 1).cpu().numpy() + 1.0) * 127.5).round().clip(0, 255).astype(np.uint8)
+        images = [Image.fromarray(a) for a in arrays]
+        m.train(was_training)
+        ends = np.cumsum(counts).tolist()
+        return [images[end - k:end] for k, end in zip(counts, ends, strict=True)]
+
+    @staticmethod
+    def _draw(logits: torch.Tensor, gens: list[torch.Generator], temperature: float, top_k: int) -> torch.Tensor:
+        """One code per row: greedy at temperature 0, else a seeded draw from the (top-k) softmax."""
+        if temperature <= 0:
+            return logits.argmax(-1)
+        logits = logits / temperature
+        if 0 < top_k < logits.shape[-1]:
+            kth = logits.topk(top_k, dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = logits.softmax(-1)
+        return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, gens, strict=True)])
+
+    def save(self, directory: str) -> None:
+        """Write a directory `load_world_model` reads (local or s3://).
+
+        Full fine-tuning: `save_pretrained` of the Janus model (safetensors) and its tokenizer, so
+        `JanusForConditionalGeneration.from_pretrained(directory)` works too. LoRA: the peft adapter only
+        (adapter_config.json + adapter_model.safetensors); load it with `model=<base> adapter=<directory>`.
+        """
+        if storage.is_s3(directory):
+            with tempfile.TemporaryDirectory() as tmp:
+                self.save(tmp)
+                storage.upload_dir(tmp, directory)
+            return
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        if self.is_lora:
+            from peft.utils import get_peft_model_state_dict
+            from safetensors.torch import save_file
+
+            self.language_model.peft_config["default"].save_pretrained(str(out))
+            state = get_peft_model_state_dict(self.language_model)
+            save_file({k: v.detach().contiguous() for k, v in state.items()}, str(out / ADAPTER_WEIGHTS))
+            return
+        self.model.save_pretrained(out, safe_serialization=True)
+        self.tokenizer.save_pretrained(out)
+
+
+def _load_adapter(language_model: nn.Module, directory: str) -> None:
+    """Inject a saved peft LoRA adapter into the language model (peft's own file layout)."""
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    config = LoraConfig.from_pretrained(directory)
+    inject_adapter_in_model(config, language_model)
+    result = set_peft_model_state_dict(language_model, load_file(str(Path(directory) / ADAPTER_WEIGHTS)))
+    if result.unexpected_keys:
+        raise ValueError(f"adapter {directory} does not fit the model: {result.unexpected_keys[:3]}")
+
+
+# -- the toy model --------------------------------------------------------------------------------------
+_TOY_CELL = 8
+"""Pixels per token side: the toy world's 8-pixel cells at 64 px (three 2× downsamplings)."""
+_TOY_FILL = 1e4
+"""Filler channel magnitude: dominates each GroupNorm group's variance, so the norm is a fixed scale."""
+_TOY_PAD = 100.0
+"""Constant feature channel: with it, cosine nearest code ≈ L2 nearest, and the decoder's normalised
+codebook entries keep their scale to 1e-3 (an entry is [a, PAD] / |[a, PAD]| with |a|² ≲ 40)."""
+_TOY_SWISH = 20.0
+"""Offset that puts SiLU in its linear range (sigmoid(20 ± 2) = 1 − 1e-8)."""
+
+
+def _toy_vq_config(resolution: int, hidden: int) -> dict[str, Any]:
+    pooled = 3 * (_TOY_CELL // 2) ** 2  # the 4×4 pooled colours of a cell
+    return {"embed_dim": pooled + 1, "latent_channels": pooled, "base_channels": 128,
+            "channel_multiplier": [1, 1, 1, 1], "num_res_blocks": 0, "projection_dim": hidden,
+            "image_token_embed_dim": hidden, "num_hidden_layers": 2}
+
+
+def _palette(resolution: int) -> list[np.ndarray]:
+    """Toy frames holding every cell kind once: the background cell first, then each shape × colour."""
+    from cwm_ray.config import ToyWorldConfig
+    from cwm_ray.toyworld.render import render
+    from cwm_ray.toyworld.world import COLORS, SHAPES, Obj, Scene
+
+    grid = resolution // _TOY_CELL
+    world = ToyWorldConfig(image_size=resolution, grid=grid)
+    kinds = [(s, c) for c in COLORS for s in SHAPES]
+    per = grid * grid - 1  # cell 0 stays background
+    frames = []
+    for start in range(0, len(kinds), per):
+        objs = [Obj(s, c, (k + 1) // grid, (k + 1) % grid) for k, (s, c) in enumerate(kinds[start:start + per])]
+        frames.append(render(Scene(tuple(objs)), world))
+    return frames
+
+
+@torch.no_grad()
+def _construct_toy_vq(vq: nn.Module, resolution: int) -> None:
+    """Set the toy VQ-VAE's weights to the patch codec of the module docstring (everything else zero)."""
+    from cwm_ray.toyworld.world import BACKGROUND
+
+    for p in vq.parameters():
+        p.zero_()
+    enc, dec = vq.encoder, vq.decoder
+    bg = torch.tensor(BACKGROUND, dtype=torch.float32) / 127.5 - 1.0
+    fill, pad, swish = _TOY_FILL, _TOY_PAD, _TOY_SWISH
+    sigma = fill / math.sqrt(2.0)  # std of a group [x, y, F, −(x+y+F)] when F dominates
+    c = enc.conv_in.out_channels
+    groups = c // 4
+    pooled = vq.config.latent_channels
+    for ch in range(3):  # conv_in: the pixels into channels 0–2
+        enc.conv_in.weight[ch, ch, 1, 1] = 1.0
+    down = [enc.down[i].downsample.conv for i in range(3)]
+    for ch in range(3):  # 2×2 average pooling (taps 0–1: the block, given the right/bottom padding)
+        down[0].weight[ch, ch, :2, :2] = 0.25
+    for dy in range(2):  # space-to-depth: 3 → 12 channels
+        for dx in range(2):
+            for ch in range(3):
+                down[1].weight[3 * (2 * dy + dx) + ch, ch, dy, dx] = 1.0
+    # space-to-depth 12 → 48, written straight into the GroupNorm layout [x, y, F, −(x+y+F)] per group
+    for dy in range(2):
+        for dx in range(2):
+            for m in range(12):
+                k = 12 * (2 * dy + dx) + m
+                g, slot = divmod(k, 2)
+                down[2].weight[4 * g + slot, m, dy, dx] = 1.0
+                down[2].weight[4 * g + 3, m, dy, dx] = -1.0
+    for g in range(groups):
+        down[2].bias[4 * g + 2], down[2].bias[4 * g + 3] = fill, -fill
+    content = [4 * (k // 2) + k % 2 for k in range(pooled)]
+    enc.norm_out.weight.fill_(1.0)
+    enc.norm_out.weight[content], enc.norm_out.bias[content] = sigma, swish
+    for k, ch in enumerate(content):  # back out of the norm's offset and centre on the background colour
+        enc.conv_out.weight[k, ch, 1, 1] = 1.0
+        enc.conv_out.bias[k] = -swish - bg[k % 3]
+    for k in range(pooled):
+        vq.quant_conv.weight[k, k, 0, 0] = 1.0
+    vq.quant_conv.bias[pooled] = pad
+
+    # codebook: the palette's features, background first
+    frames = torch.from_numpy(np.stack(_palette(resolution))).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    feats = vq.quant_conv(enc(frames)).flatten(2).transpose(1, 2)  # (frames, cells, C)
+    per = feats.shape[1] - 1
+    book = [feats[0, 0]] + [feats[f, 1 + i] for f in range(len(frames)) for i in range(per)]
+    vq.quantize.embedding.weight.copy_(torch.stack(book[:vq.config.num_embeddings]))
+
+    # decoder: each code → its cell's mean colour (see the module docstring for why no shapes)
+    for k in range(pooled):  # normalised entry × PAD ≈ the centred pooled colours; average per colour
+        vq.post_quant_conv.weight[k % 3, k, 0, 0] = pad / (pooled // 3)
+    layout = {0: 0, 1: 1, 2: 4}  # colour → decoder channel: groups [r, g, F, −(r+g+F)], [b, 0, F, −(b+F)]
+    for col, ch in layout.items():
+        dec.conv_in.weight[ch, col, 1, 1] = 1.0
+        dec.conv_in.weight[4 * (ch // 4) + 3, col, 1, 1] = -1.0
+    for g in range(dec.conv_in.out_channels // 4):
+        dec.conv_in.bias[4 * g + 2], dec.conv_in.bias[4 * g + 3] = fill, -fill
+    for up in dec.up:
+        if hasattr(up, "upsample"):
+            for ch in range(up.upsample.conv.out_channels):
+                up.upsample.conv.weight[ch, ch, 1, 1] = 1.0
+    dec.norm_out.weight.fill_(1.0)
+    for col, ch in layout.items():
+        dec.norm_out.weight[ch], dec.norm_out.bias[ch] = sigma, swish
+        dec.conv_out.weight[col, ch, 1, 1] = 1.0
+        dec.conv_out.bias[col] = -swish + bg[col]
+
+
+def toy_components(resolution: int = 64, seed: int = 0, hidden_size: int = 128, num_layers: int = 4,
+                   num_heads: int = 4) -> dict[str, Any]:
+    """A fresh tiny Janus (Llama LM, constructed VQ-VAE, a one-layer SigLIP it never uses) + word tokenizer."""
+    from transformers import JanusConfig, LlamaConfig
+
+    from cwm_ray.toyworld.tokenizer import build_word_tokenizer
+    from cwm_ray.toyworld.world import COLORS, SHAPES
+
+    if resolution % _TOY_CELL:
+        raise ValueError(f"the toy token model needs a resolution that is a multiple of {_TOY_CELL}")
+    tokenizer = build_word_tokenizer([BOI, EOI, IMAGE])
+    grid = resolution // _TOY_CELL
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                       num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_heads,
+                       max_position_embeddings=2 * grid * grid + 64, pad_token_id=tokenizer.pad_token_id,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    vq = _toy_vq_config(resolution, hidden_size) | {"num_embeddings": 1 + len(COLORS) * len(SHAPES)}
+    vision = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "image_size": resolution,
+              "patch_size": _TOY_CELL, "projection_dim": hidden_size, "mlp_ratio": 1.0, "depth": 1,
+              "num_image_tokens": grid * grid}
+    config = JanusConfig(text_config=text.to_dict(), vision_config=vision, vq_config=vq,
+                         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE))
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = JanusForConditionalGeneration(config)
+    _construct_toy_vq(model.model.vqmodel, resolution)
+    return {"model": model.eval(), "tokenizer": tokenizer}
+
+
+def build_toy_token_world_model(directory: str | None = None, resolution: int = 64, seed: int = 0,
+                                **hyper: Any) -> TokenWorldModel:
+    """A fresh tiny Janus-architecture world model, saved to `directory` (local or s3://) if given.
+
+    `hyper` overrides `toy_components` (hidden_size, num_layers, num_heads); tests make it smaller still.
+    The saved directory loads by path through `load_world_model` with `backend: token`.
+    """
+    components = toy_components(resolution, seed, **hyper)
+    if directory is not None:
+        wm = TokenWorldModel(WorldModelConfig(backend="token", model=TOY, device="cpu"), components=components)
+        wm.save(directory)
+    return TokenWorldModel(WorldModelConfig(backend="token", model=directory or TOY, resolution=resolution),
+                           components=components)

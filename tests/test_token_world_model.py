@@ -1,0 +1,214 @@
+"""The token (Janus) world model, built tiny, saved with save_pretrained and loaded by path (never mocked)."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cwm_ray.config import LoRAConfig, ToyWorldConfig, WorldModelConfig
+from cwm_ray.recognition import recognition_weights
+from cwm_ray.schema import encode_image
+from cwm_ray.toyworld.render import render
+from cwm_ray.toyworld.world import Obj, Scene, random_scene
+from cwm_ray.world_model import WorldModel, load_world_model
+from cwm_ray.world_model.token import BOI, EOI, TokenWorldModel, build_toy_token_world_model
+
+TINY = {"hidden_size": 32, "num_layers": 1, "num_heads": 2}
+ACTIONS = ["move the red circle left", "remove the blue square", "make the green cross red"]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    path = tmp_path_factory.mktemp("toy_token_world_model")
+    build_toy_token_world_model(str(path), seed=0, **TINY)
+    return str(path)
+
+
+def _load(model: str, **kw: object) -> TokenWorldModel:
+    wm = load_world_model(WorldModelConfig(backend="token", model=model, device="cpu", **kw))
+    assert isinstance(wm, TokenWorldModel)
+    return wm
+
+
+def _images(n: int, seed: int = 0) -> list[bytes]:
+    rng = random.Random(seed)
+    return [encode_image(render(random_scene(rng, ToyWorldConfig()), ToyWorldConfig())) for _ in range(n)]
+
+
+def _batch(n: int = 3) -> dict[str, np.ndarray]:
+    return {"source": np.array(_images(n, 0), dtype=object), "target": np.array(_images(n, 1), dtype=object),
+            "action": np.array(ACTIONS[:n], dtype=object)}
+
+
+def test_loads_by_path_as_janus(tiny_dir: str) -> None:
+    wm = _load(tiny_dir)
+    assert isinstance(wm, WorldModel)
+    assert type(wm.model).__name__ == "JanusForConditionalGeneration" and wm.resolution == 64
+    assert wm.encode_features(_images(2)).shape == (2, 49, 8, 8)  # one feature per image token
+
+
+def test_layout_puts_the_loss_on_exactly_the_target_image_tokens(tiny_dir: str) -> None:
+    wm = _load(tiny_dir)
+    m, tok = wm.module, wm.tokenizer
+    batch = wm.collate(_batch())
+    src, tgt = m.tokenize(batch["source_pixel_values"]), m.tokenize(batch["target_pixel_values"])
+    ids, is_image, mask = m.layout(src, batch["input_ids"], batch["attention_mask"], tgt)
+    n = tgt.shape[1]
+    for b in range(3):
+        row = ids[b][mask[b].bool()]
+        img = is_image[b][mask[b].bool()]
+        text = tok(ACTIONS[b], add_special_tokens=False).input_ids
+        boi, eoi = tok.convert_tokens_to_ids(BOI), tok.convert_tokens_to_ids(EOI)
+        expected = [tok.bos_token_id, boi, *src[b].tolist(), eoi, *text, boi, *tgt[b, :-1].tolist()]
+        assert row.tolist() == expected
+        assert img.tolist() == [False, False] + [True] * n + [False] * (2 + len(text)) + [True] * (n - 1)
+    # the loss sees the target codes and nothing else: perturbing logits off the last n positions changes nothing
+    hidden: list[torch.Tensor] = []
+    handle = m.model.model.generation_head.register_forward_hook(lambda _m, args, _out: hidden.append(args[0]))
+    try:
+        wm.loss(batch)
+    finally:
+        handle.remove()
+    assert hidden[0].shape[1] == n  # the head runs on exactly the n positions that predict target codes
+
+
+def test_target_codes_alone_drive_the_loss(tiny_dir: str) -> None:
+    """Changing a source code or the action changes the loss only through attention; changing a target
+    code at position k changes the NLL term at k: the loss is indexed by the target codes."""
+    wm = _load(tiny_dir)
+    m = wm.module.eval()
+    batch = wm.collate(_batch())
+    src, tgt = m.tokenize(batch["source_pixel_values"]), m.tokenize(batch["target_pixel_values"])
+    ids, is_image, mask = m.layout(src, batch["input_ids"], batch["attention_mask"], tgt)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    hidden = m.model.model.language_model(inputs_embeds=m.embed(ids, is_image), attention_mask=mask,
+                                          position_ids=pos).last_hidden_state
+    logits = m.image_logits(hidden[:, -tgt.shape[1]:])
+    manual = F.cross_entropy(logits.flatten(0, 1), tgt.flatten())
+    torch.testing.assert_close(wm.loss(batch), manual)
+
+
+def test_all_ones_weights_are_exactly_the_unweighted_nll(tiny_dir: str) -> None:
+    wm = _load(tiny_dir)
+    batch = wm.collate(_batch())
+    inputs = {k: v for k, v in batch.items() if k != "weights"}
+    plain = wm.loss(inputs, None)
+    assert torch.equal(wm.loss(inputs, torch.ones(3, 8, 8)), plain)
+    assert not torch.allclose(wm.loss(inputs, batch["weights"]), plain)  # recognition weights do change it
+
+
+def test_recognition_weights_come_from_pre_quantization_features(tiny_dir: str) -> None:
+    wm = _load(tiny_dir)
+    world = ToyWorldConfig()
+    before = render(Scene((Obj("circle", "red", 2, 3), Obj("square", "blue", 6, 6))), world)
+    after = render(Scene((Obj("circle", "red", 2, 5), Obj("square", "blue", 6, 6))), world)
+    m = wm.module
+    pixels = wm._pixels([before, after])
+    feats = wm.encode_features(pixels)
+    vq = m.vq
+    torch.testing.assert_close(feats, vq.quant_conv(vq.encoder(pixels)))  # quant_conv(encoder(x)), unquantized
+    w = recognition_weights(feats[:1], feats[1:], floor=0.1)[0]
+    assert w.shape == (8, 8)
+    changed = {(2, 3), (2, 5)}
+    assert all(w[r, c] > 1 for r, c in changed)
+    assert all(abs(w[r, c].item() - 0.1) < 1e-5 for r in range(8) for c in range(8) if (r, c) not in changed)
+    batch = wm.collate({"source": np.array([encode_image(before)], dtype=object),
+                        "target": np.array([encode_image(after)], dtype=object), "action": np.array(["x"])})
+    torch.testing.assert_close(batch["weights"][0], w)
+    # the toy VQ is a codec for still frames: tokenize → decode keeps every cell's mean colour
+    decoded = m.decode(m.tokenize(pixels))
+    assert (F.avg_pool2d(decoded, 8) - F.avg_pool2d(pixels, 8)).abs().max() < 0.01
+
+
+def test_sample_returns_decoded_images_seeded_per_candidate(tiny_dir: str) -> None:
+    wm = _load(tiny_dir)
+    sources, actions = _images(2), ACTIONS[:2]
+    out = wm.sample(sources, actions, n=[1, 2], seed=[5, 9])
+    assert [len(c) for c in out] == [1, 2]
+    assert all(im.size == (64, 64) and im.mode == "RGB" for c in out for im in c)
+    arrays = lambda cands: np.stack([np.asarray(im, np.int16) for im in cands])  # noqa: E731
+    alone = wm.sample(sources[1:], actions[1:], n=2, seed=9)[0]
+    assert np.array_equal(arrays(out[1]), arrays(alone))  # an input's candidates ignore the rest of the batch
+    assert not np.array_equal(arrays(out[1][:1]), arrays(out[1][1:]))  # candidates differ
+    with pytest.raises(ValueError, match="one n"):
+        wm.sample(sources, actions, n=[1], seed=0)
+
+
+def test_guided_greedy_sampling_is_batched_once_per_token(tmp_path: Path, tiny_dir: str) -> None:
+    from cwm_ray.config import TokenSamplingConfig
+
+    wm = _load(tiny_dir, token=TokenSamplingConfig(temperature=0.0, top_k=4, guidance_scale=3.0))
+    sizes: list[int] = []
+    handle = wm.module.model.model.generation_head.register_forward_pre_hook(
+        lambda _m, args: sizes.append(args[0].shape[0]))
+    try:
+        out = wm.sample(_images(2), ACTIONS[:2], n=2, seed=0)
+    finally:
+        handle.remove()
+    assert sizes == [2 * 2 * 2] * 64  # (cond, uncond) × inputs × n, once per image token
+    assert np.array_equal(np.asarray(out[0][0]), np.asarray(out[0][1]))  # greedy: candidates agree
+
+
+def test_full_and_lora_fine_tuning_round_trip(tiny_dir: str, tmp_path: Path) -> None:
+    wm = _load(tiny_dir)
+    module = wm.training_module()
+    assert not any(p.requires_grad for p in wm.model.model.vqmodel.parameters())
+    opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-2)
+    module(**wm.collate(_batch())).backward()
+    opt.step()
+    wm.save(str(tmp_path / "ft"))
+    again = _load(str(tmp_path / "ft"))
+    for a, b in zip(wm.model.state_dict().values(), again.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+    lora = _load(tiny_dir, lora=LoRAConfig(enabled=True, r=4, alpha=8))
+    trainable = [n for n, p in lora.training_module().named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n and "language_model" in n for n in trainable)
+    with torch.no_grad():  # B starts at zero; make the adapter actually change the model
+        for name, param in lora.model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    lora.save(str(tmp_path / "adapter"))
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+    adapted = _load(tiny_dir, adapter=str(tmp_path / "adapter"))
+    batch = wm.collate(_batch())
+    lora.module.eval()
+    torch.testing.assert_close(adapted.loss(batch, batch["weights"]), lora.loss(batch, batch["weights"]))
+    assert not torch.allclose(adapted.loss(batch), wm.loss(batch))
+
+
+@pytest.fixture(scope="module")
+def ray_local() -> None:
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}})
+    yield
+    ray.shutdown()
+
+
+def test_deepspeed_two_workers_checkpoint_and_resume(ray_local: None, tiny_dir: str, tmp_path: Path) -> None:
+    from cwm_ray.config import ToyCorpusConfig, TrainWorldModelConfig, load
+    from cwm_ray.toyworld.corpus import make_corpus
+    from cwm_ray.train import train
+
+    make_corpus(ToyCorpusConfig(output=str(tmp_path / "corpus"), num_videos=0, num_train=48, num_test=4))
+    gold = tmp_path / "corpus" / "gold" / "train.json"
+    args = ["world_model.backend=token", f"world_model.model={tiny_dir}", "train.name=tok",
+            f"train.storage_path={tmp_path / 'runs'}", f"train.export={tmp_path / 'export'}", "train.log_every=2",
+            "train.eval_every=4", "train.checkpoint_every=4", "optim.batch_size=4", "optim.warmup_steps=1",
+            "optim.lr=3e-3", "scaling.num_workers=2", "scaling.cpus_per_worker=0.5", "scaling.torch_threads=1",
+            "deepspeed.zero_stage=2", "data.val_fraction=0.2", f"data.sources=[{{uri: {gold}}}]"]
+    first = train(load(TrainWorldModelConfig, None, [*args, "optim.max_steps=8"]))
+    losses = [m["loss"] for m in first["history"]]
+    assert first["steps"] == 8 and losses[-1] < losses[0]
+    assert first["history"][-1]["val_loss"] is not None
+    second = train(load(TrainWorldModelConfig, None, [*args, "optim.max_steps=10"]))
+    assert second["steps"] == 10 and second["resumed_from"] == [8]
+    wm = _load(str(tmp_path / "export"))
+    out = wm.sample(_images(1), ACTIONS[:1], n=2, seed=0)
+    assert len(out[0]) == 2 and out[0][0].size == (64, 64)

@@ -81,11 +81,14 @@ def reproduce(cfg: ReproduceConfig) -> dict[str, Any]:
         f"data.sources=[{{uri: '{gold}'}}]", f"train.storage_path={runs}", "train.name=idm",
         f"train.export={idm}", *cfg.idm_overrides])))
 
+    # The world model's backend (e.g. world_model.backend=token) also decides whose encoder gives the
+    # recognition weights at annotation, and how the models are evaluated.
+    backend = [o for o in cfg.world_model_overrides if o.startswith("world_model.backend=")]
     annotated = storage.join(root, "annotated")
     stage("annotate", storage.join(annotated, "summary.json"), lambda: annotate(load(
         AnnotateConfig, _yaml("annotate.yaml"), [
             f"inputs=[{{name: toy, uri: '{storage.join(corpus, 'videos')}'}}]", f"output={annotated}",
-            f"idm.model={idm}", *cfg.annotate_overrides])))
+            f"idm.model={idm}", *backend, *cfg.annotate_overrides])))
 
     synthetic = f"{{uri: '{storage.join(annotated, 'triplets')}', weight: {cfg.synthetic_weight}}}"
 
@@ -98,7 +101,7 @@ def reproduce(cfg: ReproduceConfig) -> dict[str, Any]:
     def evaluate_row(wm: str, out: str, best_of: list[int]) -> None:
         evaluate(load(EvaluateConfig, _yaml("evaluate.yaml"), [
             f"bench={storage.join(corpus, 'gold', 'test.json')}", f"world_model.model={wm}", f"idm.model={idm}",
-            f"best_of=[{','.join(str(n) for n in best_of)}]", f"output={out}", *cfg.evaluate_overrides]))
+            f"best_of=[{','.join(str(n) for n in best_of)}]", f"output={out}", *backend, *cfg.evaluate_overrides]))
 
     results: dict[str, dict[str, Any]] = {}
     for row, (use_synthetic, weighted) in ROWS.items():

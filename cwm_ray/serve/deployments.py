@@ -79,7 +79,8 @@ class WorldModelDeployment:
         _configure(self.sample, user_config, self.max_candidates, "WorldModel")
 
     def info(self) -> dict[str, Any]:
-        return {"model": self.cfg.model, "resolution": self.cfg.resolution, "calls": self.calls}
+        return {"model": self.cfg.model, "backend": self.cfg.backend,
+                "resolution": getattr(self.model, "resolution", self.cfg.resolution), "calls": self.calls}
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01, batch_size_fn=lambda reqs: sum(r.n for r in reqs))
     async def sample(self, requests: list[SampleRequest]) -> list[list[bytes]]:

@@ -190,16 +190,39 @@ def _inject_fault(cfg: AnnotateConfig, stage: str) -> None:
         os._exit(1)
 
 
+@ray.remote(num_cpus=0)
+class StageClock:
+    """Seconds a model stage's actors spend inside the model call, summed over actors and batches.
+
+    `summary.json`'s `stages` comes from it: how busy the IDM stage was (bench P7: decoding must never
+    starve the model stage). One tiny actor per run; each batch reports (start, end, pairs) to it.
+    """
+
+    def __init__(self) -> None:
+        self.stats: dict[str, dict[str, float]] = {}
+
+    def add(self, stage: str, start: float, end: float, pairs: int) -> None:
+        s = self.stats.setdefault(stage, {"model_seconds": 0.0, "calls": 0, "pairs": 0, "first": start, "last": end})
+        s["model_seconds"] += end - start
+        s["calls"] += 1
+        s["pairs"] += pairs
+        s["first"], s["last"] = min(s["first"], start), max(s["last"], end)
+
+    def get(self) -> dict[str, dict[str, float]]:
+        return self.stats
+
+
 class IDMLabeler:
     """Actor stage: the IDM names the action of each pair, with its log-likelihood (paper §Strategy 1.3)."""
 
-    def __init__(self, cfg: AnnotateConfig) -> None:
+    def __init__(self, cfg: AnnotateConfig, clock: Any = None) -> None:
         from cwm_ray.idm import InverseDynamicsModel
 
         _set_threads(cfg.idm_stage)
         self.idm = InverseDynamicsModel.load(cfg.idm)
         self.cfg = cfg
         self.filter_cfg = cfg.filter
+        self.clock = clock
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         _inject_fault(self.cfg, "idm")
@@ -208,7 +231,10 @@ class IDMLabeler:
         cols = {name: batch.column(name).to_pylist() for name in ("action", "logprob", "num_tokens", "action_class")}
         if rows:
             src, tgt = batch.column("source").to_pylist(), batch.column("target").to_pylist()
+            start = time.time()
             labels = self.idm.label([src[i] for i in rows], [tgt[i] for i in rows])
+            if self.clock is not None:
+                ray.get(self.clock.add.remote("idm", start, time.time(), len(rows)))
             for i, lab in zip(rows, labels, strict=True):
                 cols["action"][i], cols["logprob"][i], cols["num_tokens"][i] = lab.action, lab.logprob, lab.num_tokens
                 cols["action_class"][i] = action_class(lab.action, self.filter_cfg)
@@ -396,15 +422,17 @@ def annotate(cfg: AnnotateConfig) -> dict[str, Any]:
     print(f"[annotate] {len(videos)} videos, {len(videos) - len(todo)} already done, {len(todo)} to do", flush=True)
     if not ray.is_initialized():
         ray.init(runtime_env={"env_vars": {"RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}})
-    t_pipe = time.perf_counter()
+    t_pipe, wall_pipe = time.perf_counter(), time.time()
+    clock, stages = None, {}
     if todo:
         run_id = uuid.uuid4().hex[:8]
+        clock = StageClock.remote()
         ds = ray.data.from_items(todo, override_num_blocks=min(len(todo), 1000))
         ds = ds.map_batches(extract_pairs, fn_kwargs={"cfg": cfg}, batch_size=1, batch_format="pyarrow",
                             num_cpus=cfg.decode.num_cpus,
                             **({"compute": ray.data.TaskPoolStrategy(size=cfg.decode.concurrency)}
                                if cfg.decode.concurrency else {}))
-        ds = ds.map_batches(IDMLabeler, fn_constructor_args=(cfg,),
+        ds = ds.map_batches(IDMLabeler, fn_constructor_args=(cfg, clock),
                             **_actor_kwargs(cfg.idm_stage))
         ds = ds.map_batches(RecognitionStage, fn_constructor_args=(cfg, cfg.recognition_stage),
                             **_actor_kwargs(cfg.recognition_stage))
@@ -413,6 +441,9 @@ def annotate(cfg: AnnotateConfig) -> dict[str, Any]:
         names = FilenameProvider(dataset_uuid=run_id, file_format="parquet")
         ds.write_parquet(path, filesystem=fs, filename_provider=names)
     pipe_seconds = time.perf_counter() - t_pipe
+    if clock is not None:
+        stages = _stage_summary(ray.get(clock.get.remote()), wall_pipe, pipe_seconds, cfg)
+        ray.kill(clock)
     index, files = read_staging(cfg, INDEX_COLUMNS)
     summary = finalize(cfg, index, files)
     todo_uris = {t["video_uri"] for t in todo}
@@ -420,10 +451,26 @@ def annotate(cfg: AnnotateConfig) -> dict[str, Any]:
                                       strict=True) if e is None and v in todo_uris)
     summary |= {"output": cfg.output, "videos": len(videos), "videos_skipped": len(videos) - len(todo),
                 "pairs_per_s": round(new_pairs / pipe_seconds, 2) if todo and pipe_seconds > 0 else None,
-                "pipeline_seconds": round(pipe_seconds, 1), "seconds": round(time.perf_counter() - t0, 1)}
+                "pipeline_seconds": round(pipe_seconds, 1), "seconds": round(time.perf_counter() - t0, 1),
+                "stages": stages}
     storage.write_json(storage.join(cfg.output, "summary.json"), summary, cfg.storage)
     print_summary(summary)
     return summary
+
+
+def _stage_summary(stats: dict[str, dict[str, float]], wall_start: float, seconds: float,
+                   cfg: AnnotateConfig) -> dict[str, Any]:
+    """Per model stage: seconds inside the model call, and the share of the pipeline's wall time (times its
+    actors) that this is (`busy_fraction`), also over the first-to-last-call window (`active_fraction`)."""
+    out: dict[str, Any] = {}
+    for stage, s in stats.items():
+        actors = max(1, (cfg.idm_stage if stage == "idm" else cfg.recognition_stage).concurrency)
+        window = s["last"] - s["first"]
+        out[stage] = {"model_seconds": round(s["model_seconds"], 3), "calls": int(s["calls"]),
+                      "pairs": int(s["pairs"]), "first_call_s": round(s["first"] - wall_start, 3),
+                      "busy_fraction": round(s["model_seconds"] / (actors * seconds), 3) if seconds > 0 else None,
+                      "active_fraction": round(s["model_seconds"] / (actors * window), 3) if window > 0 else None}
+    return out
 
 
 def print_summary(summary: dict[str, Any]) -> None:

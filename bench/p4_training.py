@@ -1,0 +1,129 @@
+"""P4: training samples/s of Ray Train (+ DeepSpeed) with one worker against a plain torch loop.
+
+    .venv/bin/python bench/p4_training.py [model=world_model steps=30 log_every=10 variants=ds2,ddp,ds0]
+
+Same model (`build_model(cfg)` → `training_module()`), same data (the gold train.json), same batch size,
+optimizer and schedule. The plain loop runs in this process with torch on every core, over the same
+rows (images read into memory first, PNG decoding in `collate` as in the worker). Ray Train runs
+`train(cfg)` unchanged with one worker given both cores (`scaling.torch_threads` = the machine's cores);
+its samples/s is the median of the loop's own `samples_per_s` log intervals after the first, so Ray
+start-up, dataset start-up and the final checkpoint are excluded in the same way as the plain loop's
+first (warm-up) steps. Variants: `ds2` DeepSpeed ZeRO-2 (configs' default), `ds0` ZeRO stage 0,
+`ddp` DeepSpeed off. The plain loop is re-run between variants and its median taken.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from typing import Any
+
+from common import CACHE, emit, gold_train, median, parse_args, private_ray
+
+DEFAULTS: dict[str, Any] = {"model": "world_model", "steps": 30, "log_every": 10, "batch": 32,
+                            "variants": "ds2,ddp", "cpus_per_worker": 1.0, "quick": False}
+VARIANTS = {"ds2": ["deepspeed.enabled=true", "deepspeed.zero_stage=2"],
+            "ds0": ["deepspeed.enabled=true", "deepspeed.zero_stage=0"], "ddp": ["deepspeed.enabled=false"]}
+
+
+def train_cfg(args: dict[str, Any], extra: list[str], name: str) -> Any:
+    from cwm_ray.config import TrainIDMConfig, TrainWorldModelConfig, load
+
+    cls, yaml = ((TrainWorldModelConfig, "configs/train_world_model.yaml") if args["model"] == "world_model"
+                 else (TrainIDMConfig, "configs/train_idm.yaml"))
+    out = CACHE / "p4" / name
+    return load(cls, yaml, [
+        f"data.sources=[{{uri: {gold_train(args['batch'] * 4)}}}]", f"optim.max_steps={args['steps']}",
+        f"optim.batch_size={args['batch']}", f"train.log_every={args['log_every']}", "train.eval_every=0",
+        "train.checkpoint_every=0", f"train.name={name}", f"train.storage_path={out / 'runs'}",
+        f"train.export={out / 'model'}", f"scaling.torch_threads={os.cpu_count()}",
+        f"scaling.cpus_per_worker={args['cpus_per_worker']}", *extra])
+
+
+def plain_loop(cfg: Any, rows: list[dict[str, Any]], log_every: int) -> float:
+    """Samples/s of a bare torch loop over the same model and rows: median over log intervals after the first."""
+    import numpy as np
+    import torch
+    from transformers import get_scheduler
+
+    from cwm_ray.config import TrainIDMConfig
+    from cwm_ray.train import _seed_everything, build_model
+
+    _seed_everything(cfg.optim.seed)
+    model = build_model(cfg)
+    module = model.training_module(cfg.idm.lora) if isinstance(cfg, TrainIDMConfig) else model.training_module()
+    module.train()
+    params = [p for p in module.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    sched = get_scheduler("cosine", opt, num_warmup_steps=cfg.optim.warmup_steps,
+                          num_training_steps=cfg.optim.max_steps)
+    bs, rates, t_last = cfg.optim.batch_size, [], time.perf_counter()
+    rng = np.random.default_rng(cfg.optim.seed)
+    for step in range(1, cfg.optim.max_steps + 1):
+        idx = rng.choice(len(rows), bs, replace=False)
+        batch = {k: np.array([rows[i][k] for i in idx], dtype=object) for k in ("source", "target", "action")}
+        loss = module(**model.collate(batch))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.deepspeed.gradient_clipping)
+        opt.step()
+        sched.step()
+        if step % log_every == 0:
+            now = time.perf_counter()
+            rates.append(log_every * bs / (now - t_last))
+            t_last = now
+    return median(rates[1:] or rates)
+
+
+def gold_rows(cfg: Any) -> list[dict[str, Any]]:
+    from cwm_ray.data import read_aurora
+
+    items = read_aurora(cfg.data.sources[0].uri)
+    return [{"source": open(it["input"], "rb").read(), "target": open(it["output"], "rb").read(),
+             "action": it["action"]} for it in items if it["output"]]
+
+
+def run(args: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    from cwm_ray.train import train
+
+    if args["quick"]:
+        args |= {"steps": 20, "variants": "ds2"}
+    torch.set_num_threads(os.cpu_count() or 1)
+    shutil.rmtree(CACHE / "p4", ignore_errors=True)
+    variants = [v for v in args["variants"].split(",") if v]
+    base_cfg = train_cfg(args, [], "plain")
+    rows = gold_rows(base_cfg)
+    plain: list[float] = [plain_loop(base_cfg, rows, args["log_every"])]
+    ray_train: dict[str, float] = {}
+    seconds: dict[str, float] = {}
+    with private_ray() as ray_startup_s:
+        for v in variants:
+            cfg = train_cfg(args, VARIANTS[v], f"p4_{v}")
+            t0 = time.perf_counter()
+            summary = train(cfg)
+            seconds[v] = round(time.perf_counter() - t0, 1)
+            rates = [h["samples_per_s"] for h in summary["history"]]
+            ray_train[v] = median(rates[1:] or rates)
+            plain.append(plain_loop(base_cfg, rows, args["log_every"]))
+            print(f"[bench p4] {v}: {ray_train[v]:.1f} samples/s; plain loop {plain[-1]:.1f}", file=sys.stderr,
+                  flush=True)
+    plain_rate = median(plain)
+    best = max(ray_train, key=ray_train.get)
+    ratio = ray_train[best] / plain_rate
+    return emit("P4", {k: args[k] for k in DEFAULTS if k != "quick"} | {"torch_threads": os.cpu_count()},
+                args["batch"] / plain_rate, args["batch"] / ray_train[best], ratio,
+                "Ray Train samples/s >= 0.7x the plain torch loop's", ratio >= 0.7,
+                unit="seconds per step of one batch; ratio = samples/s(Ray Train, best variant) / samples/s(plain)",
+                best_variant=best,
+                ratios={v: round(r / plain_rate, 3) for v, r in ray_train.items()},
+                samples_per_s={"plain": round(plain_rate, 1)} | {v: round(r, 1) for v, r in ray_train.items()},
+                plain_runs=[round(p, 1) for p in plain], train_wall_s=seconds, ray_startup_s=round(ray_startup_s, 2))
+
+
+if __name__ == "__main__":
+    run(parse_args(DEFAULTS))
+    sys.exit(0)

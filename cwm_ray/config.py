@@ -267,6 +267,16 @@ class WorldModelConfig:
     """Classifier-free guidance over the source image."""
     conditioning_dropout: float = 0.05
     """Training-time dropout of text / image / both conditionings (InstructPix2Pix's three bands)."""
+    pixel_shift_factor: float = -0.76
+    pixel_scaling_factor: float = 7.0
+    """Pixel-space models only (no VAE): latents are (unshuffled pixels − shift) · scale, the pixel analogue
+    of AutoencoderKL's shift_factor / scaling_factor, so the diffusion space has about unit variance. Toy
+    frames are a flat background at −0.76 with std 0.145 in [−1, 1]; unscaled, unit noise drowns them for
+    all but the smallest timesteps and the 10-step sampler never sees the content form (measured)."""
+    train_text_encoder: bool = False
+    """Train the CLIP text encoder with the unet (diffusers' DreamBooth / text-to-image `--train_text_encoder`).
+    Off for real checkpoints, whose encoder is pretrained; on for the from-scratch toy (its encoder is random;
+    configs/train_world_model.yaml). Ignored with LoRA (only the unet adapter trains). `save` always writes it."""
     dtype: str = "float32"
     device: str = "auto"
     trust_remote_code: bool = False

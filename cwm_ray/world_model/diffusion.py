@@ -73,18 +73,20 @@ class InstructPix2PixModule(nn.Module):
     """
 
     def __init__(self, unet: UNet2DConditionModel, vae: AutoencoderKL | None, text_encoder: CLIPTextModel,
-                 noise_scheduler: DDPMScheduler, null_input_ids: torch.Tensor, conditioning_dropout: float) -> None:
+                 noise_scheduler: DDPMScheduler, null_input_ids: torch.Tensor, conditioning_dropout: float,
+                 train_text_encoder: bool = False, pixel_shift: float = 0.0, pixel_scale: float = 1.0) -> None:
         super().__init__()
         self.unet = unet
         self.vae = vae
         self.text_encoder = text_encoder
         self.noise_scheduler = noise_scheduler
         self.conditioning_dropout = conditioning_dropout
+        self.train_text_encoder = train_text_encoder
+        self.pixel_shift, self.pixel_scale = pixel_shift, pixel_scale  # pixel space only (see WorldModelConfig)
         # The tokenized empty prompt: the "null" text conditioning of dropout and guidance.
         self.register_buffer("null_input_ids", null_input_ids, persistent=False)
-        for frozen in (vae, text_encoder):
-            if frozen is not None:
-                frozen.requires_grad_(False).eval()
+        for frozen in self._frozen():
+            frozen.requires_grad_(False).eval()
         c = unet.config.out_channels
         self.patch_size = 1 if vae is not None else math.isqrt(c // 3)
         if vae is None and (3 * self.patch_size**2 != c or unet.config.in_channels != 2 * c):
@@ -93,27 +95,31 @@ class InstructPix2PixModule(nn.Module):
 
     def train(self, mode: bool = True) -> InstructPix2PixModule:
         super().train(mode)
-        for frozen in (self.vae, self.text_encoder):  # frozen parts stay in eval mode (no dropout)
-            if frozen is not None:
-                frozen.eval()
+        for frozen in self._frozen():  # frozen parts stay in eval mode (no dropout)
+            frozen.eval()
         return self
+
+    def _frozen(self) -> list[nn.Module]:
+        return [m for m in (self.vae, None if self.train_text_encoder else self.text_encoder) if m is not None]
 
     # -- encoders: VAE latents for real checkpoints, unshuffled pixels for the pixel-space toy -------------
     def encode_target(self, pixel_values: torch.Tensor) -> torch.Tensor:
         if self.vae is None:
-            return F.pixel_unshuffle(pixel_values, self.patch_size)
+            return (F.pixel_unshuffle(pixel_values, self.patch_size) - self.pixel_shift) * self.pixel_scale
         latents = self.vae.encode(pixel_values.to(self.vae.dtype)).latent_dist.sample()
         return latents * self.vae.config.scaling_factor
 
     def encode_original(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """`original_image_embeds`: the VAE's latent mean, unscaled, as diffusers' recipe and pipeline do."""
+        """`original_image_embeds`: the VAE's latent mean, unscaled, as diffusers' recipe and pipeline do.
+
+        In pixel space it is the same map as the target's, so copying the source is the identity."""
         if self.vae is None:
-            return F.pixel_unshuffle(pixel_values, self.patch_size)
+            return (F.pixel_unshuffle(pixel_values, self.patch_size) - self.pixel_shift) * self.pixel_scale
         return self.vae.encode(pixel_values.to(self.vae.dtype)).latent_dist.mode()
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         if self.vae is None:
-            return F.pixel_shuffle(latents, self.patch_size).clamp(-1, 1)
+            return F.pixel_shuffle(latents / self.pixel_scale + self.pixel_shift, self.patch_size).clamp(-1, 1)
         return self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
 
     def encode_prompt(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -127,6 +133,7 @@ class InstructPix2PixModule(nn.Module):
         with torch.no_grad():
             latents = self.encode_target(edited_pixel_values.to(device))
             original_image_embeds = self.encode_original(original_pixel_values.to(device))
+        with torch.set_grad_enabled(self.train_text_encoder and torch.is_grad_enabled()):
             encoder_hidden_states = self.encode_prompt(input_ids)
             null_conditioning = self.encode_prompt(self.null_input_ids)
 
@@ -195,7 +202,9 @@ class DiffusionWorldModel:
                                              target_modules=list(cfg.lora.target_modules),
                                              init_lora_weights="gaussian"))
         self.module = InstructPix2PixModule(self.unet, self.vae, self.text_encoder, self.noise_scheduler,
-                                            self._tokenize([""]), cfg.conditioning_dropout)
+                                            self._tokenize([""]), cfg.conditioning_dropout,
+                                            train_text_encoder=cfg.train_text_encoder and not self.is_lora,
+                                            pixel_shift=cfg.pixel_shift_factor, pixel_scale=cfg.pixel_scaling_factor)
         self.module.to(self.device, self.dtype).eval()
         self.vae_scale_factor = (2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None
                                  else self.module.patch_size)
@@ -227,7 +236,7 @@ class DiffusionWorldModel:
 
     @torch.no_grad()
     def encode_features(self, images: Sequence[Any] | torch.Tensor) -> torch.Tensor:
-        """The VAE encoder's latent mean (pre-sampling), or the unshuffled pixels in pixel space.
+        """The VAE encoder's latent mean (pre-sampling), or the unshuffled, shifted and scaled pixels in pixel space.
 
         A tensor is taken as pixel values in [-1, 1] already at cfg.resolution.
         """
@@ -256,7 +265,8 @@ class DiffusionWorldModel:
                 "input_ids": self._tokenize([str(a) for a in batch["action"]]), "weights": weights}
 
     def training_module(self) -> nn.Module:
-        """The module to optimise: LoRA parameters only when the unet has an adapter, else the whole unet."""
+        """The module to optimise: LoRA parameters only when the unet has an adapter, else the whole unet,
+        plus the text encoder when `train_text_encoder` (the from-scratch toy: its encoder is random)."""
         from diffusers.training_utils import cast_training_params
 
         self.unet.requires_grad_(not self.is_lora)
@@ -265,6 +275,9 @@ class DiffusionWorldModel:
                 if "lora_" in name:
                     param.requires_grad_(True)
         cast_training_params(self.unet, dtype=torch.float32)  # fp32 master weights under fp16/bf16
+        if self.module.train_text_encoder:
+            self.text_encoder.requires_grad_(True)
+            cast_training_params(self.text_encoder, dtype=torch.float32)
         return self.module.train()
 
     @torch.no_grad()
@@ -413,8 +426,9 @@ def _toy_components(resolution: int = 64, seed: int = 0, patch_size: int = 2,
             up_block_types=("CrossAttnUpBlock2D",) + ("UpBlock2D",) * (k - 1),
             cross_attention_dim=text_hidden_size, attention_head_dim=4, norm_num_groups=8,
         )
+    # clip_sample off, as in Stable Diffusion: latents are scaled to unit variance, not to [-1, 1]
     noise_scheduler = DDPMScheduler(num_train_timesteps=1000, prediction_type="v_prediction",
-                                    timestep_spacing="trailing")
+                                    timestep_spacing="trailing", clip_sample=False)
     return {"unet": unet, "vae": None, "text_encoder": text_encoder, "tokenizer": tokenizer,
             "noise_scheduler": noise_scheduler}
 

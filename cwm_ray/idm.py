@@ -43,9 +43,9 @@ from transformers import (
 from cwm_ray import storage
 from cwm_ray.config import TOY, IDMConfig, LoRAConfig
 from cwm_ray.schema import decode_image
+from cwm_ray.world_model import DTYPES, resolve_device
 
 ImageLike = bytes | Image.Image | np.ndarray
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -98,7 +98,7 @@ class InverseDynamicsModel:
             processor = AutoProcessor.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
         if cfg.adapter:
             model = PeftModel.from_pretrained(model, storage.local_dir(cfg.adapter))
-        device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+        device = resolve_device(cfg.device)
         return cls(model.to(device).eval(), processor, cfg)
 
     def save(self, directory: str) -> None:

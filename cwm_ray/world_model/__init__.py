@@ -21,6 +21,22 @@ ImageLike = Image.Image | bytes | np.ndarray
 
 BACKENDS = ("diffusion", "token")
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+"""Config `dtype` names → torch dtypes, for every model this project loads."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` = cuda when available, else cpu; anything else as given."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def candidate_seed(seed: int, i: int, j: int) -> int:
+    """A 63-bit seed from (seed, input, candidate) that no other triple shares in practice: candidate j of
+    input i depends on nothing else in the batch (both backends sample this way)."""
+    return int(np.random.SeedSequence([seed, i, j]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
 
 @runtime_checkable
 class WorldModel(Protocol):
@@ -71,7 +87,7 @@ def load_world_model(cfg: WorldModelConfig, recognition: RecognitionConfig | Non
     raise ValueError(f"unknown world model backend {cfg.backend!r}; known backends: {', '.join(BACKENDS)}")
 
 
-__all__ = ["BACKENDS", "ImageLike", "WorldModel", "load_world_model"]
+__all__ = ["BACKENDS", "DTYPES", "ImageLike", "WorldModel", "candidate_seed", "load_world_model", "resolve_device"]
 
 
 def __getattr__(name: str) -> Any:  # lazy, so importing the protocol does not import diffusers

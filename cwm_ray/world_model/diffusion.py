@@ -36,8 +36,8 @@ from cwm_ray import storage
 from cwm_ray.config import TOY, RecognitionConfig, WorldModelConfig
 from cwm_ray.recognition import recognition_weights
 from cwm_ray.schema import decode_image, weights_from_bytes
+from cwm_ray.world_model import DTYPES, candidate_seed, resolve_device
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 """diffusers' file name for LoRA weights: an adapter directory also loads with `pipe.load_lora_weights`."""
 
@@ -176,9 +176,8 @@ class DiffusionWorldModel:
                  components: dict[str, Any] | None = None) -> None:
         self.cfg = cfg
         self.recognition = recognition or RecognitionConfig()
-        self.device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
-                                   else "cpu" if cfg.device == "auto" else cfg.device)
-        self.dtype = _DTYPES[cfg.dtype]
+        self.device = resolve_device(cfg.device)
+        self.dtype = DTYPES[cfg.dtype]
         if components is None and cfg.model == TOY:
             components = _toy_components(cfg.resolution)
         elif components is None:
@@ -309,7 +308,7 @@ class DiffusionWorldModel:
         scheduler = DDIMScheduler.from_config(self.noise_scheduler.config)
         scheduler.set_timesteps(cfg.num_inference_steps, device=self.device)
         shape = (self.unet.config.out_channels, *image_latents.shape[-2:])
-        noise = [torch.randn(shape, generator=torch.Generator().manual_seed(_candidate_seed(s, i, j)))
+        noise = [torch.randn(shape, generator=torch.Generator().manual_seed(candidate_seed(s, i, j)))
                  for (s, i), k in zip(seeds, counts, strict=True) for j in range(k)]
         latents = torch.stack(noise).to(self.device, self.dtype) * scheduler.init_noise_sigma
 
@@ -393,11 +392,6 @@ def _load_components(model: str, dtype: torch.dtype) -> dict[str, Any]:
         "tokenizer": AutoTokenizer.from_pretrained(path, subfolder="tokenizer"),
         "noise_scheduler": DDPMScheduler.from_pretrained(path, subfolder="scheduler"),
     }
-
-
-def _candidate_seed(seed: int, i: int, j: int) -> int:
-    """A 63-bit seed from (seed, input, candidate) that no other triple shares in practice."""
-    return int(np.random.SeedSequence([seed, i, j]).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
 # -- the toy model --------------------------------------------------------------------------------------

@@ -59,8 +59,8 @@ from cwm_ray import storage
 from cwm_ray.config import TOY, RecognitionConfig, WorldModelConfig
 from cwm_ray.recognition import recognition_weights
 from cwm_ray.schema import decode_image, weights_from_bytes
+from cwm_ray.world_model import DTYPES, candidate_seed, resolve_device
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 BOI, EOI, IMAGE = "<begin_of_image>", "<end_of_image>", "<image_placeholder>"
 """Janus's image delimiters and placeholder, by name (the toy tokenizer adds the same three)."""
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -190,9 +190,8 @@ class TokenWorldModel:
                  components: dict[str, Any] | None = None) -> None:
         self.cfg = cfg
         self.recognition = recognition or RecognitionConfig()
-        self.device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
-                                   else "cpu" if cfg.device == "auto" else cfg.device)
-        self.dtype = _DTYPES[cfg.dtype]
+        self.device = resolve_device(cfg.device)
+        self.dtype = DTYPES[cfg.dtype]
         if components is None and cfg.model == TOY:
             components = toy_components(cfg.resolution)
         elif components is None:
@@ -308,7 +307,6 @@ class TokenWorldModel:
         (seed[i], 0, j) when seeds are per input (Serve), so it does not depend on the rest of the batch.
         Guidance (`token.guidance_scale` > 1) mixes the logits with those of the action-dropped prompt.
         """
-        from cwm_ray.world_model.diffusion import _candidate_seed
 
         if len(sources) != len(actions):
             raise ValueError(f"{len(sources)} sources but {len(actions)} actions")
@@ -330,7 +328,7 @@ class TokenWorldModel:
             source, input_ids, text_mask = (torch.cat([t, t]) for t in (source, input_ids, text_mask))
         ids, is_image, mask = m.layout(source, input_ids, text_mask, None, drop)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        gens = [torch.Generator().manual_seed(_candidate_seed(s, i, j))
+        gens = [torch.Generator().manual_seed(candidate_seed(s, i, j))
                 for (s, i), k in zip(seeds, counts, strict=True) for j in range(k)]
 
         from transformers import DynamicCache

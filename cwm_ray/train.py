@@ -222,6 +222,22 @@ def verify_checkpoint(directory: str | os.PathLike[str]) -> dict[str, Any]:
     return state
 
 
+def check_resumable(state: dict[str, Any], world_size: int, cfg: TrainConfig) -> None:
+    """Refuse, with the way out, a resume whose worker count differs from the checkpoint's.
+
+    ZeRO partitions the optimizer state over the data-parallel ranks and DeepSpeed cannot re-partition it
+    (its own error names neither the run nor the fix); resuming the weights alone would silently drop the
+    optimizer's moments.
+    """
+    saved = int(state.get("world_size", 1))
+    if saved != world_size and cfg.deepspeed.enabled and cfg.deepspeed.zero_stage > 0:
+        raise ValueError(
+            f"run {cfg.train.name!r} under {cfg.train.storage_path} was checkpointed by {saved} worker(s) at step "
+            f"{state.get('step')}, but this run has {world_size}: DeepSpeed ZeRO cannot re-partition its optimizer "
+            f"state. Resume it with scaling.num_workers={saved}, or start a new run with train.name=<new name>."
+        )
+
+
 def train_func(config: dict[str, Any]) -> None:
     """Per-worker loop; everything comes from `config["cfg"]`, as in Ray's examples."""
     cfg: TrainConfig = config["cfg"]
@@ -246,6 +262,7 @@ def train_func(config: dict[str, Any]) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             state = verify_checkpoint(d)
+            check_resumable(state, world, cfg)
             engine.load(d)
         state["resumed_from"].append(state["step"])
         if rank == 0:

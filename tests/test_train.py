@@ -91,6 +91,10 @@ def test_world_model_loss_decreases_and_rerun_resumes(ray_local: None, gold: str
     # A re-run with the same name continues from the latest checkpoint instead of starting over.
     second = train(load(TrainWorldModelConfig, None, [*args, "optim.max_steps=28"]))
     assert second["steps"] == 28 and second["resumed_from"] == [24]
+    # Resuming with another worker count cannot re-partition ZeRO's optimizer state: a clear error, no load.
+    with pytest.raises(Exception, match=r"checkpointed by 2 worker\(s\).*scaling\.num_workers=2"):
+        train(load(TrainWorldModelConfig, None, [*args, "optim.max_steps=32", "scaling.num_workers=1",
+                                                 "train.max_failures=0"]))
     wm = load_world_model(WorldModelConfig(model=str(tmp_path / "export"), resolution=32))
     out = wm.sample([_png()], ["move the red circle right"], n=2, seed=0)
     assert len(out[0]) == 2 and out[0][0].size == (32, 32)

@@ -79,6 +79,8 @@ def motion_score(prev_gray: np.ndarray, gray: np.ndarray, method: str) -> float:
     if method == "diff":
         return float(np.abs(gray.astype(np.float32) - prev_gray.astype(np.float32)).mean())
     if method == "farneback":
+        if np.array_equal(prev_gray, gray):  # exactly still: the flow is zero (the solver returns ~1e-3 noise)
+            return 0.0
         flow = cv2.calcOpticalFlowFarneback(prev_gray, gray, None, 0.5, 3, 9, 3, 5, 1.1, 0)
         return float(np.linalg.norm(flow, axis=-1).mean())
     raise ValueError(f"unknown motion method {method!r}; use farneback or diff")

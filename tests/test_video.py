@@ -9,7 +9,8 @@ import pytest
 from cwm_ray.config import FramesConfig, ToyCorpusConfig, ToyWorldConfig
 from cwm_ray.toyworld.corpus import encode_mp4, make_corpus
 from cwm_ray.toyworld.parser import parse_scene
-from cwm_ray.toyworld.world import Scene
+from cwm_ray.toyworld.render import render
+from cwm_ray.toyworld.world import Obj, Scene
 from cwm_ray.video import Frame, VideoError, choose_pairs, iter_frames
 
 WORLD = ToyWorldConfig()
@@ -103,3 +104,16 @@ def test_unknown_options_are_errors(corpus: Path) -> None:
         choose_pairs(iter_frames(data, FramesConfig()), FramesConfig(pairing="random"))
     with pytest.raises(ValueError, match="motion"):
         choose_pairs(iter_frames(data, FramesConfig()), FramesConfig(motion="raft"))
+
+
+def test_still_frames_have_zero_flow_and_moving_ones_do_not() -> None:
+    import cv2
+
+    from cwm_ray.video import motion_score
+
+    world = ToyWorldConfig()
+    a = cv2.cvtColor(render(Scene((Obj("circle", "red", 2, 2),)), world), cv2.COLOR_RGB2GRAY)
+    b = cv2.cvtColor(render(Scene((Obj("circle", "red", 2, 3),)), world), cv2.COLOR_RGB2GRAY)
+    assert motion_score(a, a.copy(), "farneback") == 0.0  # skipped: identical frames cannot have moved
+    assert motion_score(a, b, "farneback") > 0.1
+    assert motion_score(a, b, "diff") > 0.0 == motion_score(a, a, "diff")

@@ -1,6 +1,6 @@
 """P4: training samples/s of Ray Train (+ DeepSpeed) with one worker against a plain torch loop.
 
-    .venv/bin/python bench/p4_training.py [model=world_model steps=30 log_every=10 variants=ds2,ddp,ds0]
+    .venv/bin/python bench/p4_training.py [model=world_model steps=30 log_every=10 variants=ds2,ddp,ds0,ds2_2workers]
 
 Same model (`build_model(cfg)` → `training_module()`), same data (the gold train.json), same batch size,
 optimizer and schedule. The plain loop runs in this process with torch on every core, over the same
@@ -9,7 +9,9 @@ rows (images read into memory first, PNG decoding in `collate` as in the worker)
 its samples/s is the median of the loop's own `samples_per_s` log intervals after the first, so Ray
 start-up, dataset start-up and the final checkpoint are excluded in the same way as the plain loop's
 first (warm-up) steps. Variants: `ds2` DeepSpeed ZeRO-2 (configs' default), `ds0` ZeRO stage 0,
-`ddp` DeepSpeed off. The plain loop is re-run between variants and its median taken.
+`ddp` DeepSpeed off, all with one worker (the goal's setting, which the ratio uses), and `ds2_2workers`,
+the toy jobs' default (2 workers of 1 thread, half the batch each), reported beside it in `ratios`.
+The plain loop is re-run between variants and its median taken.
 """
 
 from __future__ import annotations
@@ -23,9 +25,16 @@ from typing import Any
 from common import CACHE, emit, gold_train, median, parse_args, private_ray
 
 DEFAULTS: dict[str, Any] = {"model": "world_model", "steps": 30, "log_every": 10, "batch": 32,
-                            "variants": "ds2,ddp", "cpus_per_worker": 1.0, "quick": False}
-VARIANTS = {"ds2": ["deepspeed.enabled=true", "deepspeed.zero_stage=2"],
-            "ds0": ["deepspeed.enabled=true", "deepspeed.zero_stage=0"], "ddp": ["deepspeed.enabled=false"]}
+                            "variants": "ds2,ddp,ds2_2workers", "cpus_per_worker": 1.0, "quick": False}
+ONE_WORKER = ["scaling.num_workers=1", f"scaling.torch_threads={os.cpu_count()}"]
+VARIANTS = {"ds2": ["deepspeed.enabled=true", "deepspeed.zero_stage=2", *ONE_WORKER],
+            "ds0": ["deepspeed.enabled=true", "deepspeed.zero_stage=0", *ONE_WORKER],
+            "ddp": ["deepspeed.enabled=false", *ONE_WORKER],
+            # the toy jobs' default: 2 data-parallel workers of 1 thread, half the batch each (same global batch)
+            "ds2_2workers": ["deepspeed.enabled=true", "deepspeed.zero_stage=2", "scaling.num_workers=2",
+                             "scaling.cpus_per_worker=0.5", "scaling.torch_threads=1"]}
+PER_WORKER_BATCH = {"ds2_2workers": 2}
+"""Variants whose batch is split over this many workers (optim.batch_size is per worker)."""
 
 
 def train_cfg(args: dict[str, Any], extra: list[str], name: str) -> Any:
@@ -102,7 +111,8 @@ def run(args: dict[str, Any]) -> dict[str, Any]:
     seconds: dict[str, float] = {}
     with private_ray() as ray_startup_s:
         for v in variants:
-            cfg = train_cfg(args, VARIANTS[v], f"p4_{v}")
+            split = [f"optim.batch_size={args['batch'] // PER_WORKER_BATCH[v]}"] if v in PER_WORKER_BATCH else []
+            cfg = train_cfg(args, VARIANTS[v] + split, f"p4_{v}")
             t0 = time.perf_counter()
             summary = train(cfg)
             seconds[v] = round(time.perf_counter() - t0, 1)
@@ -112,7 +122,8 @@ def run(args: dict[str, Any]) -> dict[str, Any]:
             print(f"[bench p4] {v}: {ray_train[v]:.1f} samples/s; plain loop {plain[-1]:.1f}", file=sys.stderr,
                   flush=True)
     plain_rate = median(plain)
-    best = max(ray_train, key=ray_train.get)
+    one_worker = {v: r for v, r in ray_train.items() if v not in PER_WORKER_BATCH} or ray_train
+    best = max(one_worker, key=one_worker.get)  # the goal is for one worker; the 2-worker figure is reported beside
     ratio = ray_train[best] / plain_rate
     return emit("P4", {k: args[k] for k in DEFAULTS if k != "quick"} | {"torch_threads": os.cpu_count()},
                 args["batch"] / plain_rate, args["batch"] / ray_train[best], ratio,

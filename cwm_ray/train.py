@@ -336,6 +336,26 @@ def _every(step: int, n: int) -> bool:
     return n > 0 and step % n == 0
 
 
+def _check_data_cpus(cfg: TrainConfig, fixed_cluster: bool) -> None:
+    """Ray Data's read tasks need CPU beside the workers: if the workers take every CPU, the job hangs silently.
+
+    Ray Data excludes the Train workers' resources from its budget, so on a cluster of fixed size (the
+    private one `train` starts) that is an error; on a cluster we joined, an autoscaler may still add nodes.
+    """
+    if cfg.scaling.use_gpu:
+        return
+    total = float(ray.cluster_resources().get("CPU", 0.0))
+    taken = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
+    if total - taken >= 0.25:
+        return
+    msg = (f"{cfg.scaling.num_workers} training worker(s) x {cfg.scaling.cpus_per_worker} CPU take {taken:g} of "
+           f"the cluster's {total:g} CPUs, leaving none for Ray Data's read tasks, so training would wait "
+           "forever for data: lower scaling.cpus_per_worker (torch threads are set by scaling.torch_threads)")
+    if fixed_cluster:
+        raise ValueError(msg)
+    print(f"[train] warning: {msg} (unless the autoscaler adds CPU nodes)", flush=True)
+
+
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run the job; export the final `model/` to `cfg.train.export`. Returns a summary."""
     if cfg.deepspeed.enabled and cfg.deepspeed.zero_stage not in (0, 1, 2):
@@ -346,8 +366,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         cfg = dataclasses.replace(cfg, idm=storage.with_local_paths(cfg.idm))
     else:
         cfg = dataclasses.replace(cfg, world_model=storage.with_local_paths(cfg.world_model))
-    if not ray.is_initialized():
+    started_here = not ray.is_initialized()
+    if started_here:
         ray.init(runtime_env={"env_vars": {"RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}})
+    _check_data_cpus(cfg, fixed_cluster=started_here)
     train_ds, val_ds = training_datasets(cfg.data, cfg.storage)
     datasets = {"train": train_ds} | ({"val": val_ds} if val_ds is not None else {})
     resources = {"CPU": cfg.scaling.cpus_per_worker}

@@ -111,6 +111,19 @@ def test_bad_training_config_is_rejected_before_ray_starts(tmp_path: Path) -> No
         train(cfg)
 
 
+def test_workers_that_leave_no_cpu_for_ray_data_are_refused(ray_local: None, capsys: pytest.CaptureFixture) -> None:
+    from cwm_ray.train import _check_data_cpus
+
+    # 2 workers x 1 CPU on this 2-CPU cluster: Ray Data's read tasks could never run and training would hang.
+    starved = load(TrainIDMConfig, None, ["scaling.num_workers=2", "scaling.cpus_per_worker=1.0"])
+    with pytest.raises(ValueError, match=r"take 2 of the cluster's 2 CPUs.*scaling\.cpus_per_worker"):
+        _check_data_cpus(starved, fixed_cluster=True)
+    _check_data_cpus(starved, fixed_cluster=False)  # a joined cluster may autoscale: warn only
+    assert "warning" in capsys.readouterr().out
+    _check_data_cpus(load(TrainIDMConfig, None, ["scaling.num_workers=2", "scaling.cpus_per_worker=0.5"]),
+                     fixed_cluster=True)
+
+
 def test_mixed_sources_with_weights(ray_local: None, gold: str) -> None:
     from cwm_ray.config import DataSection
     from cwm_ray.data import training_datasets

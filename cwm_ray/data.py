@@ -59,6 +59,10 @@ def _load_images(batch: dict[str, np.ndarray], cfg: StorageConfig | None) -> dic
     }
 
 
+LOAD_TASK_CPUS = 0.25
+"""CPU of each Ray Data task that reads a training source's images: what must stay free beside the Train workers."""
+
+
 def _source_dataset(src: DataSource, section: DataSection, cfg: StorageConfig | None) -> tuple[Any, Any]:
     """(train, val) Ray Datasets of one source, with its weight applied to the train part."""
     if src.uri.endswith(".json"):
@@ -73,7 +77,7 @@ def _source_dataset(src: DataSource, section: DataSection, cfg: StorageConfig | 
             if not rs:
                 return None
             return ray.data.from_items(rs).map_batches(_load_images, fn_kwargs={"cfg": cfg}, batch_size=64,
-                                                       num_cpus=0.25)
+                                                       num_cpus=LOAD_TASK_CPUS)
 
         train_ds, val_ds = load(train), load(val)
     else:  # a Parquet directory of triplets (annotation output)

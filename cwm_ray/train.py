@@ -34,7 +34,7 @@ from transformers import get_scheduler
 
 from cwm_ray import storage
 from cwm_ray.config import TrainIDMConfig, TrainWorldModelConfig
-from cwm_ray.data import training_datasets
+from cwm_ray.data import LOAD_TASK_CPUS, training_datasets
 
 TrainConfig = TrainIDMConfig | TrainWorldModelConfig
 STATE_FILE = "state.json"
@@ -346,7 +346,7 @@ def _check_data_cpus(cfg: TrainConfig, fixed_cluster: bool) -> None:
         return
     total = float(ray.cluster_resources().get("CPU", 0.0))
     taken = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
-    if total - taken >= 0.25:
+    if total - taken >= LOAD_TASK_CPUS:
         return
     msg = (f"{cfg.scaling.num_workers} training worker(s) x {cfg.scaling.cpus_per_worker} CPU take {taken:g} of "
            f"the cluster's {total:g} CPUs, leaving none for Ray Data's read tasks, so training would wait "

@@ -11,7 +11,13 @@ import torch
 
 from cwm_ray import storage
 from cwm_ray.config import IDMConfig, LoRAConfig, ToyWorldConfig
-from cwm_ray.idm import InverseDynamicsModel, build_toy_idm
+from cwm_ray.idm import (
+    InverseDynamicsModel,
+    build_toy_idm,
+    neighbourhood_offsets,
+    patch_neighbourhood,
+    tubelet_reach,
+)
 from cwm_ray.schema import encode_image
 from cwm_ray.toyworld.render import render
 from cwm_ray.toyworld.world import apply, parse_action, random_action, random_scene
@@ -25,7 +31,7 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def _cfg(path: str, **kw: object) -> IDMConfig:
-    return IDMConfig(model=path, device="cpu", max_new_tokens=8, **kw)
+    return IDMConfig(model=path, device="cpu", max_new_tokens=16, **kw)  # the longest toy action + EOS: 12
 
 
 def _pairs(n: int, seed: int = 0) -> tuple[list[bytes], list[bytes], list[str]]:
@@ -157,7 +163,7 @@ def test_a_trained_toy_idm_prefers_the_true_target(tmp_path: Path) -> None:
     idm = InverseDynamicsModel.load(_cfg(str(tmp_path / "idm")))
     sources, targets, actions = _pairs(512, seed=5)
     module = idm.training_module()
-    optim = torch.optim.AdamW(module.parameters(), lr=2e-3)
+    optim = torch.optim.AdamW(module.parameters(), lr=1e-3)  # the toy job's lr (2e-3 sits on the image-blind plateau)
     rng = random.Random(0)
     torch.manual_seed(0)
     for _ in range(250):
@@ -175,3 +181,31 @@ def test_a_trained_toy_idm_prefers_the_true_target(tmp_path: Path) -> None:
         scores = idm.score(test_s[i], [test_t[i], unrelated], test_a[i])
         wins += int(scores[0] > scores[1])
     assert wins / len(test_a) >= 0.6, wins
+
+
+def test_the_tubelet_neighbourhood_shows_each_patch_its_cross_of_neighbours() -> None:
+    """Group g of the widened tubelet holds, at patch (r, c), the pixels of patch (r, c) + offset g."""
+    patch, reach = 4, 2
+    pixels = torch.zeros(1, 6, 8 * patch, 8 * patch)
+    pixels[0, 4, 3 * patch : 4 * patch, 5 * patch : 6 * patch] = 1.0  # one mark, target frame, patch (3, 5)
+    out = patch_neighbourhood(pixels, reach, patch)
+    offsets = neighbourhood_offsets(reach)
+    assert out.shape == (1, 6 * len(offsets), 8 * patch, 8 * patch) and len(offsets) == 9
+    for g, (dr, dc) in enumerate(offsets):
+        group = out[0, 6 * g : 6 * (g + 1)]
+        marked = {(int(r) // patch, int(c) // patch) for _, r, c in group.nonzero()}
+        assert marked == {(3 - dr, 5 - dc)}, (dr, dc)  # the patch that sees (3, 5) at this offset
+        assert int(group.nonzero()[:, 0].unique().item()) == 4  # channels move as a block
+    edge = patch_neighbourhood(torch.ones(1, 6, 8 * patch, 8 * patch), reach, patch)
+    assert edge[0, 6 * offsets.index((0, 2)), :, -2 * patch :].abs().sum() == 0  # beyond the border: zeros
+    assert tubelet_reach(6 * 9) == 2 and tubelet_reach(6) == 0 and tubelet_reach(3) is None
+    assert tubelet_reach(12) is None  # 2 groups is no cross
+
+
+def test_the_toy_idm_feeds_its_vision_tower_the_widened_tubelet(tiny_dir: str) -> None:
+    idm = InverseDynamicsModel.load(_cfg(tiny_dir))
+    assert idm.reach == 2 and idm.model.config.vision_config.num_channels == 54
+    sources, targets, _ = _pairs(2)
+    enc = idm._prompt_inputs(sources, targets)
+    assert enc["pixel_values"].shape == (2, 54, 64, 64)
+    assert (enc["input_ids"] == idm.processor.image_token_id).sum(1).tolist() == [64, 64]  # one image

@@ -146,6 +146,22 @@ def test_gold_sets_are_aurora_format_with_unseen_test_scenes(corpus: Path) -> No
         assert apply(src, parse_action(r["prompt"]), CFG) == tgt
 
 
+def test_gold_frames_come_through_the_video_codec_unless_asked_for_renders(tmp_path: Path) -> None:
+    """Gold frames match what annotation decodes (codec-smeared, parse-exact); `gold_from_video=false`: renders."""
+    for from_video in (True, False):
+        out = tmp_path / str(from_video)
+        make_corpus(ToyCorpusConfig(output=str(out), num_videos=1, actions_per_video=1, num_train=4, num_test=4,
+                                    gold_from_video=from_video))
+        for item in json.loads((out / "gold/test.json").read_text()):
+            src = np.asarray(Image.open(out / "gold" / item["input"]).convert("RGB"))
+            scene = parse_scene(src, CFG)
+            tgt = np.asarray(Image.open(out / "gold" / item["output"]).convert("RGB"))
+            assert parse_scene(tgt, CFG) == apply(scene, parse_action(item["prompt"]), CFG)
+            rendered = render(scene, CFG), render(parse_scene(tgt, CFG), CFG)
+            lossless = bool(np.array_equal(src, rendered[0]) and np.array_equal(tgt, rendered[1]))
+            assert lossless == (not from_video)
+
+
 def test_judge_scores_target_ten_and_copy_zero() -> None:
     scene = Scene((Obj("circle", "red", 3, 3), Obj("square", "blue", 6, 1), Obj("cross", "green", 0, 7)))
     text = "move the red circle right"

@@ -28,13 +28,13 @@ from cwm_ray.toyworld.render import animate, render
 from cwm_ray.toyworld.world import Action, Scene, apply, random_action, random_scene
 
 
-def encode_mp4(frames: list[np.ndarray], fps: int, crf: int = 18) -> bytes:
-    """Frames → H.264 MP4 bytes (yuv420p, so any player and PyAV read it)."""
+def encode_mp4(frames: list[np.ndarray], fps: int, crf: int = 18, pix_fmt: str = "yuv420p") -> bytes:
+    """Frames → H.264 MP4 bytes (yuv420p by default, which every player reads; PyAV reads yuv444p too)."""
     buf = io.BytesIO()
     with av.open(buf, "w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=fps)
         stream.height, stream.width = frames[0].shape[:2]
-        stream.pix_fmt = "yuv420p"
+        stream.pix_fmt = pix_fmt
         stream.options = {"crf": str(crf), "preset": "medium"}
         for f in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
@@ -42,6 +42,24 @@ def encode_mp4(frames: list[np.ndarray], fps: int, crf: int = 18) -> bytes:
         for packet in stream.encode():
             container.mux(packet)
     return buf.getvalue()
+
+
+def decode_mp4(data: bytes) -> list[np.ndarray]:
+    """MP4 bytes → every frame as RGB uint8 (small clips only: all frames are held)."""
+    with av.open(io.BytesIO(data)) as container:
+        return [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+
+
+def through_video(
+    src: Scene, action: Action, cfg: ToyWorldConfig, crf: int, pix_fmt: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """(source, target) frames as a labelled clip of the action yields them: idle, animation, idle, encoded
+    and decoded with the corpus's codec, then the last frame before the action and the clip's last frame."""
+    idle = 3
+    frames = [render(src, cfg)] * idle + animate(src, action, cfg)
+    frames += [frames[-1]] * idle
+    decoded = decode_mp4(encode_mp4(frames, cfg.fps, crf, pix_fmt))
+    return decoded[idle - 1], decoded[-1]
 
 
 def png_bytes(image: np.ndarray) -> bytes:
@@ -94,13 +112,19 @@ def _write_gold(
     gold = storage.join(cfg.output, "gold")
     # AURORA's train.json says `instruction`; AURORA-Bench's test.json says `prompt`.
     text_key = "instruction" if split == "train" else "prompt"
+    def frames(triplet: tuple[Scene, Action, Scene]) -> tuple[np.ndarray, np.ndarray]:
+        src, action, tgt = triplet
+        if cfg.gold_from_video:
+            return through_video(src, action, cfg.world, cfg.crf, cfg.pix_fmt)
+        return render(src, cfg.world), render(tgt, cfg.world)
+
     rows, writes = [], []
-    for i, (src, action, tgt) in enumerate(triplets):
+    for i, ((_, action, _), (before, after)) in enumerate(zip(triplets, pool.map(frames, triplets), strict=True)):
         item_id = f"{split}_{i:06d}"
         rows.append({"input": f"images/{item_id}_src.png", "output": f"images/{item_id}_tgt.png",
                      text_key: action.text(), "task": action.kind, "id": item_id})
-        writes += [(storage.join(gold, rows[-1]["input"]), png_bytes(render(src, cfg.world))),
-                   (storage.join(gold, rows[-1]["output"]), png_bytes(render(tgt, cfg.world)))]
+        writes += [(storage.join(gold, rows[-1]["input"]), png_bytes(before)),
+                   (storage.join(gold, rows[-1]["output"]), png_bytes(after))]
     list(pool.map(lambda w: storage.write_bytes(w[0], w[1], cfg.storage), writes))
     # The index is written last, so a crash never leaves a JSON pointing at missing images.
     storage.write_json(storage.join(gold, f"{split}.json"), rows, cfg.storage)
@@ -117,7 +141,7 @@ def make_corpus(cfg: ToyCorpusConfig) -> dict[str, Any]:
         frames, segments = make_video(rng, cfg.world, cfg.actions_per_video)
         name = f"toy_{v:05d}"
         storage.write_bytes(storage.join(cfg.output, "videos", f"{name}.mp4"),
-                            encode_mp4(frames, cfg.world.fps, cfg.crf), cfg.storage)
+                            encode_mp4(frames, cfg.world.fps, cfg.crf, cfg.pix_fmt), cfg.storage)
         storage.write_json(storage.join(cfg.output, "ground_truth", f"{name}.json"), {
             "video": f"videos/{name}.mp4", "fps": cfg.world.fps, "num_frames": len(frames),
             "size": cfg.world.image_size, "segments": segments}, cfg.storage)

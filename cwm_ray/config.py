@@ -434,6 +434,10 @@ class FramesConfig:
     """`bracket` looks at most this many frames either side of a peak."""
     quiet: float = 0.05
     """`bracket`: motion below this fraction of the peak counts as still."""
+    still_frames: int = 2
+    """`bracket`: the motion must stay still this many frames in a row to end a bracket (1: the first still
+    frame ends it). 2 bridges one repeated frame inside an action, e.g. a frame the encoder skipped in a
+    slow fade, which otherwise cut the pair short mid-action."""
     min_motion: float = 0.005
     """Peaks with less motion than this (mean flow in pixels, or mean |difference| in 0–255) are ignored;
     a fading toy object moves ~0.01 flow pixels per frame at 64 px, camera noise much less."""

@@ -74,11 +74,13 @@ def iter_frames(data: bytes, cfg: FramesConfig) -> Iterator[Frame]:
             raise VideoError("CorruptVideo", f"decoding failed: {exc}") from None
 
 
-def motion_score(prev_gray: np.ndarray, gray: np.ndarray, method: str) -> float:
-    """How much changed between two frames: mean dense-flow magnitude (pixels), or mean |difference|."""
+def motion_score(prev: np.ndarray, cur: np.ndarray, method: str) -> float:
+    """How much changed between two frames: mean dense-flow magnitude (pixels) between grayscale frames, or
+    mean |difference| over every channel given (RGB, so a change of hue at equal brightness still counts)."""
     if method == "diff":
-        return float(np.abs(gray.astype(np.float32) - prev_gray.astype(np.float32)).mean())
+        return float(np.abs(cur.astype(np.float32) - prev.astype(np.float32)).mean())
     if method == "farneback":
+        prev_gray, gray = (f if f.ndim == 2 else cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in (prev, cur))
         if np.array_equal(prev_gray, gray):  # exactly still: the flow is zero (the solver returns ~1e-3 noise)
             return 0.0
         flow = cv2.calcOpticalFlowFarneback(prev_gray, gray, None, 0.5, 3, 9, 3, 5, 1.1, 0)
@@ -94,7 +96,7 @@ def choose_pairs(frames: Iterator[Frame], cfg: FramesConfig) -> tuple[list[Pair]
     delay = max(radius, cfg.max_span if cfg.pairing == "bracket" else 0)
     window: deque[tuple[Frame, float]] = deque(maxlen=max(cfg.max_span, radius) + delay + 2)
     best: list[tuple[float, int, Pair]] = []  # min-heap of the K_f best peaks so far
-    prev_gray = None
+    prev: np.ndarray | None = None
     count = 0
 
     def consider(pos: int) -> None:
@@ -107,12 +109,18 @@ def choose_pairs(frames: Iterator[Frame], cfg: FramesConfig) -> tuple[list[Pair]
         if any(window[j][1] >= m for j in range(lo, pos)) or any(window[j][1] > m for j in range(pos + 1, hi)):
             return
         if cfg.pairing == "bracket":
-            still = cfg.quiet * m
+            # The bracket ends where motion stays below `still` for `still_frames` frames in a row, so one
+            # repeated frame inside an action (an encoder's skipped frame in a slow fade) does not split it.
+            still, run = cfg.quiet * m, max(1, cfg.still_frames)
+
+            def moving(j: int) -> bool:
+                return 0 <= j < len(window) and window[j][1] > still
+
             s = pos
-            while s > 0 and window[s][1] > still and pos - s < cfg.max_span:
+            while s > 0 and pos - s < cfg.max_span and any(moving(s - k) for k in range(run)):
                 s -= 1
             e = pos
-            while e + 1 < len(window) and window[e + 1][1] > still and e - pos < cfg.max_span:
+            while e + 1 < len(window) and e - pos < cfg.max_span and any(moving(e + k) for k in range(1, run + 1)):
                 e += 1
             pair = Pair(window[s][0], window[e][0], m)
         else:
@@ -124,9 +132,10 @@ def choose_pairs(frames: Iterator[Frame], cfg: FramesConfig) -> tuple[list[Pair]
             heapq.heapreplace(best, item)
 
     for frame in frames:
-        gray = cv2.cvtColor(frame.rgb, cv2.COLOR_RGB2GRAY)
-        m = 0.0 if prev_gray is None else motion_score(prev_gray, gray, cfg.motion)
-        prev_gray = gray
+        # Flow reads luminance; the difference reads colour too (a recolour can keep the brightness).
+        cur = frame.rgb if cfg.motion == "diff" else cv2.cvtColor(frame.rgb, cv2.COLOR_RGB2GRAY)
+        m = 0.0 if prev is None else motion_score(prev, cur, cfg.motion)
+        prev = cur
         count += 1
         window.append((frame, m))
         if len(window) > delay:  # the frame `delay` back now has every neighbour it needs

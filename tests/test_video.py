@@ -117,3 +117,18 @@ def test_still_frames_have_zero_flow_and_moving_ones_do_not() -> None:
     assert motion_score(a, a.copy(), "farneback") == 0.0  # skipped: identical frames cannot have moved
     assert motion_score(a, b, "farneback") > 0.1
     assert motion_score(a, b, "diff") > 0.0 == motion_score(a, a, "diff")
+
+
+def test_one_repeated_frame_inside_an_action_does_not_cut_the_bracket_short() -> None:
+    """An encoder may repeat a frame mid-fade; the pair must still span the whole action."""
+    def frames() -> Iterator[Frame]:
+        levels = [0] * 30 + [60, 80, 80, 100, 120, 140, 160] + [160] * 30  # frame 32 repeats frame 31
+        for i, v in enumerate(levels):
+            img = np.zeros((64, 64, 3), np.uint8)
+            img[16:48, 16:48] = v
+            yield Frame(i, i / 10, img)
+
+    for run, expected in ((2, (29, 36)), (1, (29, 31))):
+        cfg = FramesConfig(motion="diff", k_frames=1, still_frames=run)
+        (pair,), _ = choose_pairs(frames(), cfg)
+        assert (pair.source.index, pair.target.index) == expected, run

@@ -214,6 +214,22 @@ def test_tar_member_bytes_match_the_file(assets: dict[str, Path]) -> None:
 
 
 @pytest.mark.fault
+def test_a_half_written_staging_file_is_dropped_and_its_videos_redone(first_run: tuple[dict, Path],
+                                                                     assets: dict[str, Path], tmp_path: Path) -> None:
+    """What a kill during a staging write leaves: a Parquet file without its footer."""
+    summary, out = first_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    victim = sorted((copy / "staging").glob("*.parquet"))[0]
+    lost = pq.read_table(victim, columns=["video_uri"]).column("video_uri").to_pylist()
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    again = annotate(load(AnnotateConfig, None, _args(assets, str(copy))))
+    assert not victim.exists()  # dropped, not read as empty or left to fail the next run
+    assert again["videos_skipped"] == again["videos"] - len(set(lost))  # only its videos are redone
+    assert sorted(p["id"] for p in _table(copy / "pairs")) == sorted(p["id"] for p in _table(out / "pairs"))
+    assert again["pairs"] == summary["pairs"] and again["errors"] == summary["errors"]
+
+
 def test_resume_after_the_job_process_is_killed_halfway(first_run: tuple[dict, Path], assets: dict[str, Path],
                                                         tmp_path: Path) -> None:
     """SIGKILL the whole job (driver and its Ray processes) once staging has begun, then run it again."""
@@ -230,9 +246,10 @@ def test_resume_after_the_job_process_is_killed_halfway(first_run: tuple[dict, P
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    staged = pq.ParquetDataset(str(killed / "staging")).read(columns=["video_uri"]).num_rows \
-        if list((killed / "staging").glob("*.parquet")) else 0
-    assert 0 < staged and not (killed / "summary.json").exists()  # really killed halfway
+    # Really killed halfway: staging has begun, finalize has not run. The kill may land while a staging file
+    # is being written (it did in CI): such a file is unreadable here, and the resumed run must drop it.
+    files = list((killed / "staging").glob("*.parquet"))
+    assert files and not (killed / "summary.json").exists()
     again = annotate(load(AnnotateConfig, None, cfg_args))
     assert sorted(p["id"] for p in _table(killed / "pairs")) == sorted(p["id"] for p in _table(out / "pairs"))
     assert again["pairs"] == summary["pairs"] and again["errors"] == summary["errors"]

@@ -76,14 +76,14 @@ def iter_frames(data: bytes, cfg: FramesConfig) -> Iterator[Frame]:
 
 def motion_score(prev: np.ndarray, cur: np.ndarray, method: str) -> float:
     """How much changed between two frames: mean dense-flow magnitude (pixels) between grayscale frames, or
-    mean |difference| over every channel given (RGB, so a change of hue at equal brightness still counts)."""
+    mean |difference| over every channel given (RGB, so a change of hue at equal brightness still counts).
+    `choose_pairs` gives each method its frames (`cfg.motion == "diff"`: RGB; else grayscale)."""
     if method == "diff":
         return float(np.abs(cur.astype(np.float32) - prev.astype(np.float32)).mean())
     if method == "farneback":
-        prev_gray, gray = (f if f.ndim == 2 else cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in (prev, cur))
-        if np.array_equal(prev_gray, gray):  # exactly still: the flow is zero (the solver returns ~1e-3 noise)
+        if np.array_equal(prev, cur):  # exactly still: the flow is zero (the solver returns ~1e-3 noise)
             return 0.0
-        flow = cv2.calcOpticalFlowFarneback(prev_gray, gray, None, 0.5, 3, 9, 3, 5, 1.1, 0)
+        flow = cv2.calcOpticalFlowFarneback(prev, cur, None, 0.5, 3, 9, 3, 5, 1.1, 0)
         return float(np.linalg.norm(flow, axis=-1).mean())
     raise ValueError(f"unknown motion method {method!r}; use farneback or diff")
 

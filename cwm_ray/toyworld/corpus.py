@@ -23,9 +23,10 @@ import numpy as np
 from PIL import Image
 
 from cwm_ray import storage
-from cwm_ray.config import ToyCorpusConfig, ToyWorldConfig, to_dict
+from cwm_ray.config import FramesConfig, ToyCorpusConfig, ToyWorldConfig, to_dict
 from cwm_ray.toyworld.render import animate, render
 from cwm_ray.toyworld.world import Action, Scene, apply, random_action, random_scene
+from cwm_ray.video import iter_frames
 
 
 def encode_mp4(frames: list[np.ndarray], fps: int, crf: int = 18, pix_fmt: str = "yuv420p") -> bytes:
@@ -44,12 +45,6 @@ def encode_mp4(frames: list[np.ndarray], fps: int, crf: int = 18, pix_fmt: str =
     return buf.getvalue()
 
 
-def decode_mp4(data: bytes) -> list[np.ndarray]:
-    """MP4 bytes → every frame as RGB uint8 (small clips only: all frames are held)."""
-    with av.open(io.BytesIO(data)) as container:
-        return [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
-
-
 def through_video(
     src: Scene, action: Action, cfg: ToyWorldConfig, crf: int, pix_fmt: str
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -58,7 +53,9 @@ def through_video(
     idle = 3
     frames = [render(src, cfg)] * idle + animate(src, action, cfg)
     frames += [frames[-1]] * idle
-    decoded = decode_mp4(encode_mp4(frames, cfg.fps, crf, pix_fmt))
+    # Decoded as annotation decodes a video (at the world's size, so no resize).
+    decoded = [f.rgb for f in iter_frames(encode_mp4(frames, cfg.fps, crf, pix_fmt),
+                                          FramesConfig(working_size=cfg.image_size))]
     return decoded[idle - 1], decoded[-1]
 
 

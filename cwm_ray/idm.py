@@ -73,7 +73,6 @@ class InverseDynamicsModel:
         # embed 2 frames per tubelet), widened to a cross of patches r away (`patch_neighbourhood`): the pair
         # is one image, so the prompt keeps only its first placeholder.
         self.reach = tubelet_reach(getattr(vision, "num_channels", 3))
-        self.tubelet = self.reach is not None
         self.patch_size: int = getattr(vision, "patch_size", 1)
         prompt = cfg.prompt
         if self.tubelet:
@@ -83,6 +82,11 @@ class InverseDynamicsModel:
         self.eos_token_id: int = self.tokenizer.eos_token_id
         pad = self.tokenizer.pad_token_id
         self.pad_token_id: int = self.eos_token_id if pad is None else pad
+
+    @property
+    def tubelet(self) -> bool:
+        """The frame pair goes in as one image (channel-stacked), not as two."""
+        return self.reach is not None
 
     # -- loading and saving ---------------------------------------------------------------------------------
 

@@ -646,6 +646,28 @@ class EvaluateConfig:
 
 
 @dataclass
+class EvaluateIDMConfig:
+    """`jobs/evaluate_idm.py`: the IDM's accuracy on an AURORA-format test set, or of annotation's kept actions."""
+
+    bench: str | None = f"{DEFAULT_OUTPUT_ROOT}/toy_corpus/gold/test.json"
+    """AURORA-format JSON (local or s3://) with both frames per item; the IDM labels every pair."""
+    triplets: str | None = None
+    """Instead of `bench`: a Parquet directory from `jobs/annotate.py` (triplets/ or pairs/), scored as stored."""
+    tasks: list[str] = field(default_factory=list)
+    max_items: int | None = None
+    """First items per task (as in `jobs/evaluate.py`)."""
+    idm: IDMConfig = field(default_factory=IDMConfig)
+    batch_size: int = 100
+    """Pairs per `label` call."""
+    toy_judge: bool = True
+    """Also score `explains` with the toy world's exact parser (turn off for real benchmarks)."""
+    toy: ToyWorldConfig = field(default_factory=ToyWorldConfig)
+    output: str = f"{DEFAULT_OUTPUT_ROOT}/eval_idm"
+    """Local directory or s3:// prefix: results.json (rates overall and per task) and rows.jsonl."""
+    storage: StorageConfig = field(default_factory=StorageConfig)
+
+
+@dataclass
 class ReproduceConfig:
     """`jobs/reproduce.py`: the paper's ablation table in miniature on the toy world, from nothing.
 

@@ -1,0 +1,28 @@
+"""The IDM's accuracy: on an AURORA-format test set, or of the actions annotation kept.
+
+    python jobs/evaluate_idm.py                                   # the toy IDM on the toy test set
+    python jobs/evaluate_idm.py bench=null triplets=outputs/annotated/triplets   # annotation's kept actions
+    python jobs/evaluate_idm.py bench=s3://bucket/test.json idm.model=<id|path> toy_judge=false
+"""
+
+import sys
+
+from cwm_ray import storage
+from cwm_ray.config import EvaluateIDMConfig, run_job
+
+
+def main(cfg: EvaluateIDMConfig) -> None:
+    for what, uri, make in (("benchmark", cfg.bench, "jobs/make_toy_corpus.py"),
+                            ("IDM", cfg.idm.model if cfg.bench else None, "jobs/train_idm.py")):
+        if uri and uri.startswith("outputs/") and not storage.exists(uri):
+            sys.exit(f"error: no {what} at {uri}. Build the toy one first: .venv/bin/python {make}")
+    from cwm_ray.evaluate.idm import evaluate_idm
+
+    try:
+        evaluate_idm(cfg)
+    except (ValueError, OSError) as exc:  # bad input or a missing file: one line, no traceback
+        sys.exit(f"error: {exc}")
+
+
+if __name__ == "__main__":
+    run_job(main, EvaluateIDMConfig, default_config="configs/evaluate_idm.yaml")

@@ -209,3 +209,9 @@ def test_the_toy_idm_feeds_its_vision_tower_the_widened_tubelet(tiny_dir: str) -
     enc = idm._prompt_inputs(sources, targets)
     assert enc["pixel_values"].shape == (2, 54, 64, 64)
     assert (enc["input_ids"] == idm.processor.image_token_id).sum(1).tolist() == [64, 64]  # one image
+
+
+def test_a_missing_model_directory_is_named_plainly(tmp_path: Path) -> None:
+    # Without the check, transformers reads the path as a hub repo id and fails with an unrelated message.
+    with pytest.raises(FileNotFoundError, match="no IDM directory at .*missing"):
+        InverseDynamicsModel.load(IDMConfig(model=str(tmp_path / "missing"), device="cpu"))

@@ -10,15 +10,18 @@ TOY_WM := outputs/models/toy_world_model/unet/config.json
 setup:
 	@bash scripts/setup.sh
 
-# The main job on the embedded default: annotate the toy corpus with the toy IDM (each built once).
+# The main job on the embedded default: annotate the toy corpus with the toy IDM (each built once), then
+# check the kept actions against the toy world (the IDM's own test accuracy prints when it is trained).
 demo: setup $(TOY_CORPUS) $(TOY_IDM)
 	$(PY) jobs/annotate.py
+	$(PY) jobs/evaluate_idm.py bench=null triplets=outputs/annotated/triplets output=outputs/annotated/eval_idm
 
 $(TOY_CORPUS): | setup
 	$(PY) jobs/make_toy_corpus.py
 
 $(TOY_IDM): $(TOY_CORPUS) | setup
 	$(PY) jobs/train_idm.py
+	$(PY) jobs/evaluate_idm.py
 
 $(TOY_WM): $(TOY_CORPUS) | setup
 	$(PY) jobs/train_world_model.py

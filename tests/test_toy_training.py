@@ -17,14 +17,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from cwm_ray.config import IDMConfig, ToyWorldConfig, WorldModelConfig
+from cwm_ray.config import EvaluateIDMConfig, IDMConfig, ToyWorldConfig, WorldModelConfig
+from cwm_ray.evaluate.idm import evaluate_idm
 from cwm_ray.idm import InverseDynamicsModel
-from cwm_ray.schema import decode_image
-from cwm_ray.toyworld.parser import explains, judge
+from cwm_ray.toyworld.parser import judge
 from cwm_ray.world_model import load_world_model
 
 pytestmark = pytest.mark.slow
@@ -55,14 +54,11 @@ def _test_items(corpus: Path) -> list[dict]:
 
 
 def test_idm_actions_explain_the_test_pairs(trained: dict[str, Path]) -> None:
-    idm = InverseDynamicsModel.load(IDMConfig(model=str(trained["idm"]), device="cpu"))
-    items = _test_items(trained["corpus"])
-    base = trained["corpus"] / "gold"
-    src = [Image.open(base / it["input"]).convert("RGB") for it in items]
-    tgt = [Image.open(base / it["output"]).convert("RGB") for it in items]
-    labels = [lab for i in range(0, len(items), 100) for lab in idm.label(src[i:i + 100], tgt[i:i + 100])]
-    ok = np.mean([explains(s, lab.action, t, WORLD) for s, lab, t in zip(src, labels, tgt, strict=True)])
-    assert ok >= 0.9, ok
+    summary = evaluate_idm(EvaluateIDMConfig(
+        bench=str(trained["corpus"] / "gold" / "test.json"), idm=IDMConfig(model=str(trained["idm"]), device="cpu"),
+        output=str(trained["root"] / "eval_idm")))
+    assert summary["items"] == len(_test_items(trained["corpus"]))
+    assert summary["explains"] >= 0.9, summary
 
 
 def test_trained_idm_verifier_prefers_the_true_target(trained: dict[str, Path]) -> None:
@@ -92,7 +88,6 @@ def test_annotation_with_the_trained_idm_keeps_true_actions(trained: dict[str, P
     out = trained["root"] / "annotated"
     _run("annotate.py", f"inputs=[{{name: toy, uri: {trained['corpus'] / 'videos'}}}]", f"output={out}",
          f"idm.model={trained['idm']}")
-    rows = pq.read_table(out / "triplets").to_pylist()
-    assert len(rows) > 50
-    ok = np.mean([explains(decode_image(r["source"]), r["action"], decode_image(r["target"]), WORLD) for r in rows])
-    assert ok >= 0.8, ok
+    summary = evaluate_idm(EvaluateIDMConfig(bench=None, triplets=str(out / "triplets"), output=str(out / "eval_idm")))
+    assert summary["items"] > 50
+    assert summary["explains"] >= 0.8, summary

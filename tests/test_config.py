@@ -55,3 +55,12 @@ def test_job_exits_2_with_clear_error_on_bad_key() -> None:
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert "unknown config key 'num_vidoes'" in proc.stderr
+
+
+def test_dict_fields_take_new_keys_but_keep_their_value_type() -> None:
+    cfg = load(ToyCorpusConfig, None, ["train_kind_weights={add: 2, put: 2.5}"])
+    assert cfg.train_kind_weights == {"add": 2.0, "put": 2.5}
+    with pytest.raises(ConfigError, match="train_kind_weights.add"):
+        load(ToyCorpusConfig, None, ["train_kind_weights={add: lots}"])
+    with pytest.raises(ConfigError, match="unknown config key 'world.nope'"):  # dataclass sections stay closed
+        load(ToyCorpusConfig, None, ["world.nope=1"])

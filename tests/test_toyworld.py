@@ -197,3 +197,35 @@ def test_corpus_on_s3(s3_bucket: str) -> None:
     with av.open(io.BytesIO(storage.read_bytes(videos[0]))) as c:
         assert sum(1 for _ in c.decode(video=0)) > 0
     assert len(storage.read_json(s3_bucket + "/toy/gold/train.json")) == 40
+
+
+def test_kind_weights_shift_the_drawn_kinds() -> None:
+    cfg = ToyWorldConfig()
+
+    def share(weights: dict[str, float] | None) -> float:
+        rng = random.Random(0)
+        kinds = [random_action(random_scene(rng, cfg), rng, cfg, weights).kind for _ in range(400)]
+        return kinds.count("remove") / len(kinds)
+
+    assert share(None) < 0.3  # uniform over 5 kinds: about 0.2
+    assert share({"remove": 8.0}) > 0.6  # 8 / 12 of the weight: about 0.67 when removal is possible
+    for bad, match in (({"jump": 2.0}, "unknown action kinds"), ({"add": 0.0}, "must be > 0")):
+        with pytest.raises(ValueError, match=match):
+            random_action(random_scene(random.Random(1), cfg), random.Random(1), cfg, bad)
+
+
+def test_train_kind_weights_leave_the_test_set_and_videos_untouched(tmp_path: Path) -> None:
+    def corpus(name: str, weights: dict[str, float]) -> Path:
+        make_corpus(ToyCorpusConfig(output=str(tmp_path / name), num_videos=1, actions_per_video=2, num_train=60,
+                                    num_test=10, train_kind_weights=weights))
+        return tmp_path / name
+
+    plain, skewed = corpus("plain", {}), corpus("skewed", {"put": 6.0, "add": 6.0})
+    for rel in ("gold/test.json", "videos/toy_00000.mp4", "gold/images/test_000003_tgt.png"):
+        assert (plain / rel).read_bytes() == (skewed / rel).read_bytes(), rel
+    kinds = {name: [it["task"] for it in json.loads((d / "gold" / "train.json").read_text())]
+             for name, d in (("plain", plain), ("skewed", skewed))}
+    assert sum(k in ("put", "add") for k in kinds["skewed"]) > sum(k in ("put", "add") for k in kinds["plain"]) + 10
+    with pytest.raises(ValueError, match="unknown action kinds"):
+        corpus("bad", {"teleport": 1.0})
+    assert not (tmp_path / "bad" / "videos").exists()  # refused before anything was written

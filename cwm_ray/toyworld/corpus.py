@@ -14,7 +14,7 @@ from __future__ import annotations
 import io
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -25,7 +25,7 @@ from PIL import Image
 from cwm_ray import storage
 from cwm_ray.config import FramesConfig, ToyCorpusConfig, ToyWorldConfig, to_dict
 from cwm_ray.toyworld.render import animate, render
-from cwm_ray.toyworld.world import Action, Scene, apply, random_action, random_scene
+from cwm_ray.toyworld.world import Action, Scene, apply, check_kind_weights, random_action, random_scene
 from cwm_ray.video import iter_frames
 
 
@@ -88,9 +88,11 @@ def make_video(
 
 
 def gold_triplets(
-    rng: random.Random, cfg: ToyWorldConfig, n: int, avoid: set[Scene]
+    rng: random.Random, cfg: ToyWorldConfig, n: int, avoid: set[Scene],
+    kind_weights: Mapping[str, float] | None = None,
 ) -> Iterator[tuple[Scene, Action, Scene]]:
-    """n triplets on distinct scenes, none of which is in `avoid` (so test scenes are unseen)."""
+    """n triplets on distinct scenes, none of which is in `avoid` (so test scenes are unseen); the action
+    kind of each is drawn by `kind_weights` (uniform when None, see `random_action`)."""
     seen = set(avoid)
     made = 0
     while made < n:
@@ -98,7 +100,7 @@ def gold_triplets(
         if scene in seen:
             continue
         seen.add(scene)
-        action = random_action(scene, rng, cfg)
+        action = random_action(scene, rng, cfg, kind_weights)
         yield scene, action, apply(scene, action, cfg)
         made += 1
 
@@ -129,6 +131,7 @@ def _write_gold(
 
 def make_corpus(cfg: ToyCorpusConfig) -> dict[str, Any]:
     """Write the whole toy corpus; returns the summary also written to corpus.json."""
+    check_kind_weights(cfg.train_kind_weights)  # a bad weight stops the job before any video is written
     t0 = time.perf_counter()
     storage.configure(cfg.storage)
     pool = ThreadPoolExecutor(8)  # I/O bound on S3; harmless locally
@@ -143,7 +146,8 @@ def make_corpus(cfg: ToyCorpusConfig) -> dict[str, Any]:
             "video": f"videos/{name}.mp4", "fps": cfg.world.fps, "num_frames": len(frames),
             "size": cfg.world.image_size, "segments": segments}, cfg.storage)
         num_frames += len(frames)
-    train = list(gold_triplets(random.Random(f"{cfg.seed}/train"), cfg.world, cfg.num_train, set()))
+    train = list(gold_triplets(random.Random(f"{cfg.seed}/train"), cfg.world, cfg.num_train, set(),
+                               cfg.train_kind_weights))
     seen = {t[0] for t in train}
     test = list(gold_triplets(random.Random(f"{cfg.seed}/test"), cfg.world, cfg.num_test, seen))
     _write_gold(cfg, "train", train, pool)

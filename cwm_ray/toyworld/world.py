@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 from cwm_ray.config import ToyWorldConfig
@@ -225,15 +226,37 @@ def _candidates(scene: Scene, kind: str, cfg: ToyWorldConfig) -> list[Action]:
     return valid
 
 
-def random_action(scene: Scene, rng: random.Random, cfg: ToyWorldConfig) -> Action:
-    """A uniformly chosen kind (among those possible here), then a uniform valid instance of it."""
+def random_action(
+    scene: Scene, rng: random.Random, cfg: ToyWorldConfig, kind_weights: Mapping[str, float] | None = None
+) -> Action:
+    """A kind (uniform, or by `kind_weights`; among those possible here), then a uniform valid instance of it.
+
+    Kinds are tried in a random order; with weights, the order is a weighted draw without replacement
+    (key u^(1/w), Efraimidis–Spirakis), so a kind's chance to come first is its share of the weights.
+    Kinds missing from `kind_weights` weigh 1. Without weights the order is `rng.shuffle`'s, as before.
+    """
     unknown = set(cfg.actions) - set(KINDS)
     if unknown:
         raise ValueError(f"unknown action kinds {sorted(unknown)}; known: {list(KINDS)}")
     kinds = list(cfg.actions)
-    rng.shuffle(kinds)
+    if kind_weights:
+        check_kind_weights(kind_weights)
+        keys = {k: rng.random() ** (1.0 / float(kind_weights.get(k, 1.0))) for k in kinds}
+        kinds.sort(key=lambda k: keys[k], reverse=True)
+    else:
+        rng.shuffle(kinds)
     for kind in kinds:
         cands = _candidates(scene, kind, cfg)
         if cands:
             return rng.choice(cands)
     raise InvalidAction("no action of the configured kinds applies to this scene")
+
+
+def check_kind_weights(kind_weights: Mapping[str, float]) -> None:
+    """Weights name known kinds and are positive; anything else is a config error, said plainly."""
+    unknown = set(kind_weights) - set(KINDS)
+    if unknown:
+        raise ValueError(f"kind weights for unknown action kinds {sorted(unknown)}; known: {list(KINDS)}")
+    bad = {k: w for k, w in kind_weights.items() if not float(w) > 0}
+    if bad:
+        raise ValueError(f"kind weights must be > 0, got {bad}")

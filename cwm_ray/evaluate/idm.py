@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 
 from cwm_ray import storage
 from cwm_ray.config import EvaluateIDMConfig, ToyWorldConfig
+from cwm_ray.evaluate.metrics import normalise_action
 from cwm_ray.schema import decode_image
 
 TRIPLET_COLUMNS = ["id", "source", "target", "action"]
@@ -46,10 +47,6 @@ class Row:
     logprob: float | None = None
 
 
-def normalise(text: str) -> str:
-    return " ".join(text.lower().strip().rstrip(".").split())
-
-
 def score(ids: Sequence[str], tasks: Sequence[str], sources: Sequence[bytes], targets: Sequence[bytes],
           actions: Sequence[str], references: Sequence[str | None], toy: ToyWorldConfig | None,
           logprobs: Sequence[float | None] | None = None) -> list[Row]:
@@ -61,8 +58,8 @@ def score(ids: Sequence[str], tasks: Sequence[str], sources: Sequence[bytes], ta
         ok = None
         if toy is not None:
             ok = explains(decode_image(sources[i]), action, decode_image(targets[i]), toy)
-        rows.append(Row(ids[i], tasks[i], action, ref, None if ref is None else normalise(action) == normalise(ref),
-                        ok, None if logprobs is None else logprobs[i]))
+        exact = None if ref is None else normalise_action(action) == normalise_action(ref)
+        rows.append(Row(ids[i], tasks[i], action, ref, exact, ok, None if logprobs is None else logprobs[i]))
     return rows
 
 

@@ -21,7 +21,6 @@ import re
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -100,8 +99,6 @@ class InverseDynamicsModel:
             model = model.to(dtype)
         else:
             path = storage.local_dir(cfg.model)
-            if path.startswith(("/", ".")) and not Path(path).is_dir():  # a path, not a hub id: say so plainly
-                raise FileNotFoundError(f"no IDM directory at {path}")
             model = AutoModelForImageTextToText.from_pretrained(
                 path, dtype=dtype, use_safetensors=True, trust_remote_code=cfg.trust_remote_code
             )

@@ -195,6 +195,9 @@ def local_dir(uri: str, cache_root: str | os.PathLike[str] | None = None, cfg: S
     interrupted one is never mistaken for a model.
     """
     if not is_s3(uri):
+        # A path, not a hub id: say so plainly (from_pretrained would read it as a malformed repo id).
+        if uri.startswith(("/", ".")) and not Path(uri).is_dir():
+            raise FileNotFoundError(f"no model directory at {uri}")
         return uri
     root = Path(cache_root or os.environ.get("CWM_RAY_CACHE", Path.home() / ".cache" / "cwm_ray"))
     target = root / hashlib.sha256(uri.encode()).hexdigest()[:16]

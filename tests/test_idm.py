@@ -213,5 +213,5 @@ def test_the_toy_idm_feeds_its_vision_tower_the_widened_tubelet(tiny_dir: str) -
 
 def test_a_missing_model_directory_is_named_plainly(tmp_path: Path) -> None:
     # Without the check, transformers reads the path as a hub repo id and fails with an unrelated message.
-    with pytest.raises(FileNotFoundError, match="no IDM directory at .*missing"):
+    with pytest.raises(FileNotFoundError, match="no model directory at .*missing"):
         InverseDynamicsModel.load(IDMConfig(model=str(tmp_path / "missing"), device="cpu"))

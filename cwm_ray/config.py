@@ -203,6 +203,19 @@ def run_job(main: Any, cls: type[T], default_config: str | None = None) -> None:
     main(cfg)
 
 
+
+def exit_if_unbuilt(needs: Sequence[tuple[str, str | None, str]], hint: str = "") -> None:
+    """Exit with the one command that builds it when a job's default toy input (`outputs/...`) is missing.
+
+    `needs` holds (what, uri, the job that makes it); other URIs (hub ids, s3://, user paths) are the loaders' to check.
+    """
+    from cwm_ray import storage  # storage imports this module
+
+    for what, uri, make in needs:
+        if uri and uri.startswith(f"{DEFAULT_OUTPUT_ROOT}/") and not storage.exists(uri):
+            sys.exit(f"error: no {what} at {uri}. Build the toy one first: .venv/bin/python {make}"
+                     + (f"\n{hint}" if hint else ""))
+
 # ---------------------------------------------------------------------------------------------
 # Models
 # ---------------------------------------------------------------------------------------------

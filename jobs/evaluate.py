@@ -6,19 +6,14 @@
     python jobs/evaluate.py endpoint=http://127.0.0.1:8000    # predictions from a running Serve app
 """
 
-import sys
-
-from cwm_ray import storage
-from cwm_ray.config import EvaluateConfig, run_job
+from cwm_ray.config import EvaluateConfig, exit_if_unbuilt, run_job
 
 
 def main(cfg: EvaluateConfig) -> None:
-    for what, uri, make in (("benchmark", cfg.bench, "jobs/make_toy_corpus.py"),
-                            ("world model", cfg.world_model.model, "jobs/train_world_model.py"),
-                            ("IDM", cfg.idm.model, "jobs/train_idm.py")):
-        if uri.startswith("outputs/") and not storage.exists(uri):
-            sys.exit(f"error: no {what} at {uri}. Build the toy one first: .venv/bin/python {make}\n"
-                     "(`make toy-models` builds the corpus and both toy models)")
+    exit_if_unbuilt([("benchmark", cfg.bench, "jobs/make_toy_corpus.py"),
+                     ("world model", cfg.world_model.model, "jobs/train_world_model.py"),
+                     ("IDM", cfg.idm.model, "jobs/train_idm.py")],
+                    hint="(`make toy-models` builds the corpus and both toy models)")
     from cwm_ray.evaluate.pipeline import evaluate
 
     evaluate(cfg)

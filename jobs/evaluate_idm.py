@@ -7,15 +7,12 @@
 
 import sys
 
-from cwm_ray import storage
-from cwm_ray.config import EvaluateIDMConfig, run_job
+from cwm_ray.config import EvaluateIDMConfig, exit_if_unbuilt, run_job
 
 
 def main(cfg: EvaluateIDMConfig) -> None:
-    for what, uri, make in (("benchmark", cfg.bench, "jobs/make_toy_corpus.py"),
-                            ("IDM", cfg.idm.model if cfg.bench else None, "jobs/train_idm.py")):
-        if uri and uri.startswith("outputs/") and not storage.exists(uri):
-            sys.exit(f"error: no {what} at {uri}. Build the toy one first: .venv/bin/python {make}")
+    exit_if_unbuilt([("benchmark", cfg.bench, "jobs/make_toy_corpus.py"),
+                     ("IDM", cfg.idm.model if cfg.bench else None, "jobs/train_idm.py")])
     from cwm_ray.evaluate.idm import evaluate_idm
 
     try:

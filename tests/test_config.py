@@ -64,3 +64,14 @@ def test_dict_fields_take_new_keys_but_keep_their_value_type() -> None:
         load(ToyCorpusConfig, None, ["train_kind_weights={add: lots}"])
     with pytest.raises(ConfigError, match="unknown config key 'world.nope'"):  # dataclass sections stay closed
         load(ToyCorpusConfig, None, ["world.nope=1"])
+
+
+def test_exit_if_unbuilt_names_the_job_that_builds_a_missing_default(tmp_path: Path, monkeypatch) -> None:
+    from cwm_ray.config import exit_if_unbuilt
+
+    monkeypatch.chdir(tmp_path)
+    exit_if_unbuilt([("IDM", "org/some-model", "jobs/train_idm.py"), ("IDM", None, "jobs/train_idm.py")])  # not ours
+    with pytest.raises(SystemExit, match=r"no IDM at outputs/models/x\. .*jobs/train_idm\.py\nhint"):
+        exit_if_unbuilt([("IDM", "outputs/models/x", "jobs/train_idm.py")], hint="hint")
+    (tmp_path / "outputs" / "models" / "x").mkdir(parents=True)
+    exit_if_unbuilt([("IDM", "outputs/models/x", "jobs/train_idm.py")])  # built: nothing happens

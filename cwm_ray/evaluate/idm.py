@@ -100,16 +100,18 @@ def _triplet_rows(cfg: EvaluateIDMConfig, toy: ToyWorldConfig | None) -> list[Ro
         raise ValueError("triplets have no reference text: only the toy judge (toy_judge=true) can score them")
     fs, path = storage.filesystem(cfg.triplets or "", cfg.storage)
     try:
-        table = pq.read_table(path, filesystem=fs)
+        dataset = pq.ParquetDataset(path, filesystem=fs)
     except (FileNotFoundError, OSError) as exc:
         raise ValueError(f"triplets={cfg.triplets}: not a readable Parquet directory ({exc})") from None
-    missing = [c for c in TRIPLET_COLUMNS if c not in table.column_names]
+    names = dataset.schema.names
+    missing = [c for c in TRIPLET_COLUMNS if c not in names]
     if missing:
         raise ValueError(f"triplets={cfg.triplets}: no column(s) {missing}; expected annotation's triplets/ or pairs/")
+    # Only the columns scored: annotation rows also carry weight maps and video metadata.
+    table = dataset.read(columns=[*TRIPLET_COLUMNS, *(c for c in ("dataset", "logprob") if c in names)])
     if table.num_rows == 0:
         raise ValueError(f"triplets={cfg.triplets}: no rows to score")
-    optional = [c for c in ("dataset", "logprob") if c in table.column_names]
-    t = table.select([*TRIPLET_COLUMNS, *optional]).to_pydict()
+    t = table.to_pydict()
     tasks = t.get("dataset") or ["default"] * table.num_rows
     return score(t["id"], tasks, t["source"], t["target"], t["action"], [None] * table.num_rows, toy,
                  t.get("logprob"))

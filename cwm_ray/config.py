@@ -379,6 +379,11 @@ class DataSection:
 class OptimSection:
     lr: float = 1e-3
     weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    """AdamW's second-moment decay (transformers' `TrainingArguments` name and default). The toy IDM uses
+    0.95, as LLaMA and GPT-3 pre-training do: with 0.999 its late tokens (the relation word) learn slowly."""
+    adam_epsilon: float = 1e-8
     warmup_steps: int = 20
     batch_size: int = 32
     """Per-worker micro-batch size."""

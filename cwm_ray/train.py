@@ -114,11 +114,29 @@ class _Engine:
         self.scheduler.load_state_dict(state["scheduler"])
 
 
+def check_optim(cfg: TrainConfig) -> None:
+    """AdamW's settings, checked before Ray starts (torch would only refuse them inside a worker)."""
+    o = cfg.optim
+    for name, beta in (("adam_beta1", o.adam_beta1), ("adam_beta2", o.adam_beta2)):
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"optim.{name} must be in [0, 1), got {beta}")
+    if not o.adam_epsilon > 0:
+        raise ValueError(f"optim.adam_epsilon must be positive, got {o.adam_epsilon}")
+
+
+def build_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.AdamW:
+    """torch's AdamW from `cfg.optim` (DeepSpeed's fused optimizers need CUDA; ZeRO wraps this one)."""
+    check_optim(cfg)
+    o = cfg.optim
+    return torch.optim.AdamW(params, lr=o.lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_epsilon,
+                             weight_decay=o.weight_decay)
+
+
 def _make_engine(cfg: TrainConfig, module: torch.nn.Module, device: torch.device) -> _Engine:
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters")
-    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    optimizer = build_optimizer(cfg, params)
     schedules = {"cosine": "cosine", "constant": "constant_with_warmup"}
     if cfg.optim.schedule not in schedules:
         raise ValueError(f"optim.schedule must be one of {sorted(schedules)}, got {cfg.optim.schedule!r}")
@@ -360,6 +378,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run the job; export the final `model/` to `cfg.train.export`. Returns a summary."""
     if cfg.deepspeed.enabled and cfg.deepspeed.zero_stage not in (0, 1, 2):
         raise ValueError(f"deepspeed.zero_stage must be 0, 1 or 2, got {cfg.deepspeed.zero_stage}")
+    check_optim(cfg)
     storage.configure(cfg.storage)
     # Relative local model paths made absolute here: Ray Train's workers run in another directory.
     if isinstance(cfg, TrainIDMConfig):

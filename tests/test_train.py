@@ -109,6 +109,20 @@ def test_bad_training_config_is_rejected_before_ray_starts(tmp_path: Path) -> No
     cfg = load(TrainIDMConfig, None, [f"data.sources=[{{uri: {tmp_path}/missing.json}}]"])
     with pytest.raises(FileNotFoundError, match="missing.json"):
         train(cfg)
+    for bad in ("optim.adam_beta2=1.0", "optim.adam_beta1=-0.1", "optim.adam_epsilon=0"):
+        with pytest.raises(ValueError, match=bad.split("=")[0].replace(".", r"\.")):
+            train(load(TrainIDMConfig, None, [bad]))
+
+
+def test_adamw_takes_the_configured_betas() -> None:
+    import torch
+
+    from cwm_ray.train import build_optimizer
+
+    cfg = load(TrainIDMConfig, None, ["optim.adam_beta2=0.95", "optim.adam_epsilon=1e-6", "optim.weight_decay=0.1"])
+    group = build_optimizer(cfg, [torch.nn.Parameter(torch.zeros(2))]).param_groups[0]
+    assert group["betas"] == (0.9, 0.95) and group["eps"] == 1e-6 and group["weight_decay"] == 0.1
+    assert load(TrainIDMConfig, None, []).optim.adam_beta2 == 0.999  # transformers' default when unset
 
 
 def test_workers_that_leave_no_cpu_for_ray_data_are_refused(ray_local: None, capsys: pytest.CaptureFixture) -> None:

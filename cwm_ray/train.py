@@ -150,7 +150,10 @@ def _make_engine(cfg: TrainConfig, module: torch.nn.Module, device: torch.device
             dist_init_required=False,
         )
         return _Engine(engine, optimizer, scheduler, True)
-    module = ray.train.torch.prepare_model(module, move_to_device=device)
+    # Some weights of a pretrained model may take no part in the loss (LLaVA never uses its vision tower's
+    # post_layernorm); DDP must be told, as transformers' Trainer does by default (ddp_find_unused_parameters).
+    module = ray.train.torch.prepare_model(module, move_to_device=device,
+                                           parallel_strategy_kwargs={"find_unused_parameters": True})
     return _Engine(module, optimizer, scheduler, False)
 
 

@@ -164,6 +164,18 @@ def test_a_relative_model_path_reaches_the_workers(ray_local: None, gold: str, t
     assert train(cfg)["steps"] == 2
 
 
+def test_idm_trains_with_ddp_on_two_workers(ray_local: None, gold: str, tmp_path: Path) -> None:
+    """`deepspeed.enabled=false` is DDP; LLaVA's unused vision post-layernorm must not stop it."""
+    from cwm_ray.idm import build_toy_idm
+    from cwm_ray.train import train
+
+    build_toy_idm(str(tmp_path / "tiny"), hidden_size=32, text_layers=1)
+    cfg = load(TrainIDMConfig, None, [f"idm.model={tmp_path / 'tiny'}", "train.name=ddp", "optim.max_steps=4",
+                                      "deepspeed.enabled=false", *_common(tmp_path, gold, str(tmp_path / "runs")),
+                                      "train.eval_every=0"])
+    assert train(cfg)["steps"] == 4
+
+
 @pytest.mark.fault
 def test_a_corrupt_or_partial_checkpoint_is_detected_not_loaded(ray_local: None, gold: str, tmp_path: Path) -> None:
     import shutil

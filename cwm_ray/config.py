@@ -203,7 +203,6 @@ def run_job(main: Any, cls: type[T], default_config: str | None = None) -> None:
     main(cfg)
 
 
-
 def exit_if_unbuilt(needs: Sequence[tuple[str, str | None, str]], hint: str = "") -> None:
     """Exit with the one command that builds it when a job's default toy input (`outputs/...`) is missing.
 
@@ -215,6 +214,7 @@ def exit_if_unbuilt(needs: Sequence[tuple[str, str | None, str]], hint: str = ""
         if uri and uri.startswith(f"{DEFAULT_OUTPUT_ROOT}/") and not storage.exists(uri):
             sys.exit(f"error: no {what} at {uri}. Build the toy one first: .venv/bin/python {make}"
                      + (f"\n{hint}" if hint else ""))
+
 
 # ---------------------------------------------------------------------------------------------
 # Models

@@ -114,9 +114,15 @@ class _Engine:
         self.scheduler.load_state_dict(state["scheduler"])
 
 
+SCHEDULES = {"cosine": "cosine", "constant": "constant_with_warmup"}
+"""`optim.schedule` → transformers' `get_scheduler` name (after `optim.warmup_steps` of linear warm-up)."""
+
+
 def check_optim(cfg: TrainConfig) -> None:
-    """AdamW's settings, checked before Ray starts (torch would only refuse them inside a worker)."""
+    """The optimizer and schedule settings, checked before Ray starts (else they fail inside a worker)."""
     o = cfg.optim
+    if o.schedule not in SCHEDULES:
+        raise ValueError(f"optim.schedule must be one of {sorted(SCHEDULES)}, got {o.schedule!r}")
     for name, beta in (("adam_beta1", o.adam_beta1), ("adam_beta2", o.adam_beta2)):
         if not 0.0 <= beta < 1.0:
             raise ValueError(f"optim.{name} must be in [0, 1), got {beta}")
@@ -136,11 +142,8 @@ def _make_engine(cfg: TrainConfig, module: torch.nn.Module, device: torch.device
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters")
-    optimizer = build_optimizer(cfg, params)
-    schedules = {"cosine": "cosine", "constant": "constant_with_warmup"}
-    if cfg.optim.schedule not in schedules:
-        raise ValueError(f"optim.schedule must be one of {sorted(schedules)}, got {cfg.optim.schedule!r}")
-    scheduler = get_scheduler(schedules[cfg.optim.schedule], optimizer, num_warmup_steps=cfg.optim.warmup_steps,
+    optimizer = build_optimizer(cfg, params)  # also checks optim.schedule
+    scheduler = get_scheduler(SCHEDULES[cfg.optim.schedule], optimizer, num_warmup_steps=cfg.optim.warmup_steps,
                               num_training_steps=cfg.optim.max_steps)
     if cfg.deepspeed.enabled:
         import deepspeed

@@ -109,7 +109,7 @@ def test_bad_training_config_is_rejected_before_ray_starts(tmp_path: Path) -> No
     cfg = load(TrainIDMConfig, None, [f"data.sources=[{{uri: {tmp_path}/missing.json}}]"])
     with pytest.raises(FileNotFoundError, match="missing.json"):
         train(cfg)
-    for bad in ("optim.adam_beta2=1.0", "optim.adam_beta1=-0.1", "optim.adam_epsilon=0"):
+    for bad in ("optim.adam_beta2=1.0", "optim.adam_beta1=-0.1", "optim.adam_epsilon=0", "optim.schedule=linear"):
         with pytest.raises(ValueError, match=bad.split("=")[0].replace(".", r"\.")):
             train(load(TrainIDMConfig, None, [bad]))
 

@@ -431,7 +431,10 @@ def build_toy_world_model(directory: str | None = None, resolution: int = 64, se
                           **hyper: Any) -> DiffusionWorldModel:
     """A fresh tiny InstructPix2Pix-architecture world model (pixel space), saved to `directory` if given.
 
-    Defaults (measured on 2 CPU cores, see the module docstring for why 64 px with p = 2): TODO.
+    Defaults: 64 px with p = 2 (why: the module docstring), so the UNet works on 32×32×12 latents;
+    three levels of (32, 64, 64) channels, one block each, cross-attention only at the coarsest (8×8, one
+    position per toy cell); a 2-layer CLIP text encoder of width 64 over the toy words. Sized so that 600
+    steps train on 2 CPU cores in about 4 minutes and beat copying the source on the toy judge (README).
     `hyper` overrides `_toy_components` (patch_size, block_out_channels, layers_per_block, ...), which
     tests use to make it smaller still. The saved directory loads by path through `load_world_model`.
     """

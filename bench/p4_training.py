@@ -3,12 +3,12 @@
     .venv/bin/python bench/p4_training.py [model=world_model steps=30 log_every=10 variants=ds2,ddp,ds0,ds2_2workers]
 
 Same model (`build_model(cfg)` → `training_module()`), same data (the gold train.json), same batch size,
-optimizer and schedule. The plain loop runs in this process with torch on every core, over the same
-rows (images read into memory first, PNG decoding in `collate` as in the worker). Ray Train runs
-`train(cfg)` unchanged with one worker given both cores (`scaling.torch_threads` = the machine's cores);
-its samples/s is the median of the loop's own `samples_per_s` log intervals after the first, so Ray
-start-up, dataset start-up and the final checkpoint are excluded in the same way as the plain loop's
-first (warm-up) steps. Variants: `ds2` DeepSpeed ZeRO-2 (configs' default), `ds0` ZeRO stage 0,
+optimizer, schedule and CPU autocast (`deepspeed.bf16_cpu`). The plain loop runs in this process with torch
+on every core, over the same rows (images read into memory first, PNG decoding in `collate` as in the
+worker). Ray Train runs `train(cfg)` unchanged with one worker given both cores (`scaling.torch_threads` =
+the machine's cores); its samples/s is the median of the loop's own `samples_per_s` log intervals after the
+first, so Ray start-up, dataset start-up and the final checkpoint are excluded in the same way as the plain
+loop's first (warm-up) steps. Variants: `ds2` DeepSpeed ZeRO-2 (configs' default), `ds0` ZeRO stage 0,
 `ddp` DeepSpeed off, all with one worker (the goal's setting, which the ratio uses), and `ds2_2workers`,
 the toy jobs' default (2 workers of 1 thread, half the batch each), reported beside it in `ratios`.
 The plain loop is re-run between variants and its median taken.
@@ -73,7 +73,8 @@ def plain_loop(cfg: Any, rows: list[dict[str, Any]], log_every: int) -> float:
     for step in range(1, cfg.optim.max_steps + 1):
         idx = rng.choice(len(rows), bs, replace=False)
         batch = {k: np.array([rows[i][k] for i in idx], dtype=object) for k in ("source", "target", "action")}
-        loss = module(**model.collate(batch))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.deepspeed.bf16_cpu):  # as the job's engine
+            loss = module(**model.collate(batch))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.deepspeed.gradient_clipping)

@@ -350,8 +350,12 @@ class DeepSpeedSection:
     zero_stage: int = 2
     """ZeRO stage 0, 1 or 2 (stage 3 shards parameters, which our export does not gather)."""
     bf16: bool = True
-    """bf16 mixed precision; only applied on GPU (CPU trains in fp32 with gloo)."""
+    """bf16 mixed precision; only applied on GPU (CPU trains in fp32 with gloo unless `bf16_cpu`)."""
+    bf16_cpu: bool = False
+    """On CPU, run the forward pass under torch's bf16 autocast (weights, gradients, all-reduce and AdamW stay
+    fp32), as transformers' Trainer does for `bf16=True` on CPU. Pays off on CPUs with AVX512-BF16 or AMX."""
     gradient_clipping: float = 1.0
+    """Max global gradient norm (0 = none); also applied when `enabled` is false (DDP)."""
 
 
 @dataclass

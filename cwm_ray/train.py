@@ -82,9 +82,14 @@ class _Engine:
     optimizer: Any
     scheduler: Any
     deepspeed: bool
+    autocast_cpu: bool = False
+    """`deepspeed.bf16_cpu` on a CPU run: the forward pass (training and validation) in bf16 autocast."""
+    clip: float = 0.0
+    """Gradient-norm clipping for the DDP path (DeepSpeed clips by its own config)."""
 
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.module(**batch)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast_cpu):
+            return self.module(**batch)
 
     def step(self, loss: torch.Tensor) -> None:
         if self.deepspeed:
@@ -93,6 +98,8 @@ class _Engine:
             return
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self.clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.clip)
         self.optimizer.step()
         self.scheduler.step()
 
@@ -143,6 +150,7 @@ def _make_engine(cfg: TrainConfig, module: torch.nn.Module, device: torch.device
     if not params:
         raise ValueError("the model has no trainable parameters")
     optimizer = build_optimizer(cfg, params)  # also checks optim.schedule
+    autocast_cpu = cfg.deepspeed.bf16_cpu and device.type == "cpu"
     scheduler = get_scheduler(SCHEDULES[cfg.optim.schedule], optimizer, num_warmup_steps=cfg.optim.warmup_steps,
                               num_training_steps=cfg.optim.max_steps)
     if cfg.deepspeed.enabled:
@@ -152,12 +160,12 @@ def _make_engine(cfg: TrainConfig, module: torch.nn.Module, device: torch.device
             model=module, optimizer=optimizer, lr_scheduler=scheduler, config=_deepspeed_config(cfg),
             dist_init_required=False,
         )
-        return _Engine(engine, optimizer, scheduler, True)
+        return _Engine(engine, optimizer, scheduler, True, autocast_cpu)
     # Some weights of a pretrained model may take no part in the loss (LLaVA never uses its vision tower's
     # post_layernorm); DDP must be told, as transformers' Trainer does by default (ddp_find_unused_parameters).
     module = ray.train.torch.prepare_model(module, move_to_device=device,
                                            parallel_strategy_kwargs={"find_unused_parameters": True})
-    return _Engine(module, optimizer, scheduler, False)
+    return _Engine(module, optimizer, scheduler, False, autocast_cpu, cfg.deepspeed.gradient_clipping)
 
 
 def _unwrap(module: Any) -> torch.nn.Module:

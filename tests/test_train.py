@@ -56,6 +56,7 @@ def test_idm_resumes_after_a_worker_dies_and_checkpoints_land_on_s3(
     build_toy_idm(str(model_dir), hidden_size=32, text_layers=1)
     cfg = load(TrainIDMConfig, None, [f"idm.model={model_dir}", "train.name=idm_fault", "optim.max_steps=10",
                                       "train.checkpoint_every=4", "train.fail_at_step=6", "optim.lr=1e-3",
+                                      "deepspeed.bf16_cpu=true",  # the toy IDM's setting, through a resume
                                       *_common(tmp_path, gold, s3_bucket + "/runs")])
     summary = train(cfg)
     assert summary["steps"] == 10  # the same final step count as an uninterrupted run
@@ -171,9 +172,38 @@ def test_idm_trains_with_ddp_on_two_workers(ray_local: None, gold: str, tmp_path
 
     build_toy_idm(str(tmp_path / "tiny"), hidden_size=32, text_layers=1)
     cfg = load(TrainIDMConfig, None, [f"idm.model={tmp_path / 'tiny'}", "train.name=ddp", "optim.max_steps=4",
-                                      "deepspeed.enabled=false", *_common(tmp_path, gold, str(tmp_path / "runs")),
-                                      "train.eval_every=0"])
+                                      "deepspeed.enabled=false", "deepspeed.bf16_cpu=true",
+                                      *_common(tmp_path, gold, str(tmp_path / "runs")), "train.eval_every=0"])
     assert train(cfg)["steps"] == 4
+
+
+def test_engine_autocasts_the_forward_on_cpu_and_clips_ddp_gradients() -> None:
+    """`deepspeed.bf16_cpu`: the forward in bf16, the weights fp32; DDP clips to `gradient_clipping` as DeepSpeed."""
+    import torch
+
+    from cwm_ray.train import _Engine
+
+    class Probe(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+            self.seen: torch.dtype | None = None
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.lin(x)
+            self.seen = y.dtype
+            return 1e4 * y.float().pow(2).sum()  # a gradient far above the clipping norm
+
+    probe = Probe()
+    opt = torch.optim.SGD(probe.parameters(), lr=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    for autocast, dtype in ((True, torch.bfloat16), (False, torch.float32)):
+        engine = _Engine(probe, opt, sched, deepspeed=False, autocast_cpu=autocast, clip=1.0)
+        loss = engine.loss({"x": torch.ones(2, 4)})
+        assert probe.seen == dtype and probe.lin.weight.dtype == torch.float32
+        engine.step(loss)
+        norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in probe.parameters()]))
+        assert norm <= 1.0 + 1e-3, norm
 
 
 @pytest.mark.fault

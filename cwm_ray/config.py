@@ -377,6 +377,9 @@ class DataSection:
     max_rows: int | None = None
     """Cap per source, for quick runs."""
     shuffle_buffer: int = 1024
+    materialize: bool = False
+    """Read the training and validation sets once into Ray's object store (`Dataset.materialize`) instead of
+    on every epoch: for sets that fit in memory, such as the toy gold set; not for streamed corpora."""
 
 
 @dataclass

@@ -119,6 +119,8 @@ def training_datasets(section: DataSection, cfg: StorageConfig | None = None) ->
         vals = [v.select_columns(TRAIN_COLUMNS) for v in vals]
     train = trains[0].union(*trains[1:]) if len(trains) > 1 else trains[0]
     val = (vals[0].union(*vals[1:]) if len(vals) > 1 else vals[0]) if vals else None
+    if section.materialize:
+        train, val = train.materialize(), val.materialize() if val is not None else None
     return train, val
 
 

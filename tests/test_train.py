@@ -151,6 +151,23 @@ def test_mixed_sources_with_weights(ray_local: None, gold: str) -> None:
     assert set(row) == {"id", "source", "target", "action"} and row["source"][:4] == b"\x89PNG"
 
 
+def test_a_materialized_training_set_is_read_once(ray_local: None, gold: str, tmp_path: Path) -> None:
+    """`data.materialize`: the images are read into the object store once, not again on every epoch."""
+    import shutil
+
+    from cwm_ray.config import DataSection
+    from cwm_ray.data import training_datasets
+
+    copy = tmp_path / "gold"
+    shutil.copytree(Path(gold).parent, copy)
+    section = DataSection(sources=[DataSource(uri=str(copy / "train.json"))], val_fraction=0.25, materialize=True)
+    train_ds, val_ds = training_datasets(section)
+    first = {r["id"]: r["source"] for r in train_ds.take_all()}
+    shutil.rmtree(copy / "images")  # a re-read would fail now
+    again = {r["id"]: r["source"] for epoch in range(2) for r in train_ds.take_all()}
+    assert again == first and len(first) + val_ds.count() == 96
+
+
 def test_a_relative_model_path_reaches_the_workers(ray_local: None, gold: str, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """Ray Train workers run in their own directory; `idm.model=outputs/...` must not become a hub id."""

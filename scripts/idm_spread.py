@@ -3,11 +3,12 @@
 The job (`jobs/train_idm.py`) gives a different model each run, because Ray Data's streaming split does not
 fix the order in which the workers see the data, so one run of it says little about a setting. This trains
 the job's model (`configs/train_idm.yaml` and any `key=value` overrides of it) in a plain loop, no Ray,
-once per data order, with the job's optimizer, schedule, batch and initialisation, and prints one JSON
-line per order: the share of the bench's pairs whose generated action explains them (`jobs/evaluate_idm.py`'s
-figure). The README's warm-up table was made with it (six orders per setting, on a lent GPU):
+once per data order, with the job's optimizer, schedule, batch, CPU autocast and initialisation, and prints
+one JSON line per order: the share of the bench's pairs whose generated action explains them
+(`jobs/evaluate_idm.py`'s figure). The README's warm-up table was made with this loop (six orders per
+setting, on a lent GPU):
 
-    python scripts/idm_spread.py orders=3 parallel=2 optim.warmup_steps=300     # 2 CPU cores: ~20 min
+    python scripts/idm_spread.py orders=3 parallel=2 optim.warmup_steps=300     # 2 CPU cores: ~15 min
     python scripts/idm_spread.py orders=6 parallel=12 device=cuda optim.warmup_steps=20
 
 Own keys: `orders` (how many, from 0), `parallel` (processes), `device`, `bench` (AURORA test JSON),
@@ -54,6 +55,7 @@ def run_order(order: int, overrides: list[str], own: dict[str, str]) -> dict[str
     o = cfg.optim
     sched = get_scheduler(SCHEDULES[o.schedule], opt, num_warmup_steps=o.warmup_steps, num_training_steps=o.max_steps)
     batch, n = o.batch_size * cfg.scaling.num_workers, len(rows)
+    autocast = cfg.deepspeed.bf16_cpu and idm.device.type == "cpu"
     gen = torch.Generator().manual_seed(order)
     perm, pos, t0 = torch.randperm(n, generator=gen), 0, time.perf_counter()
     for _ in range(o.max_steps):
@@ -63,7 +65,8 @@ def run_order(order: int, overrides: list[str], own: dict[str, str]) -> dict[str
         pos += batch
         rows_in = {k: v[idx] for k, v in enc.items()}
         width = int(rows_in["attention_mask"].sum(1).max())  # right padding beyond the batch's longest row
-        loss = module(**{k: v[:, :width] if v.dim() == 2 else v for k, v in rows_in.items()})
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):  # as the job's engine
+            loss = module(**{k: v[:, :width] if v.dim() == 2 else v for k, v in rows_in.items()})
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.deepspeed.gradient_clipping)

@@ -55,10 +55,9 @@ def plain_loop(cfg: Any, rows: list[dict[str, Any]], log_every: int) -> float:
     """Samples/s of a bare torch loop over the same model and rows: median over log intervals after the first."""
     import numpy as np
     import torch
-    from transformers import get_scheduler
 
     from cwm_ray.config import TrainIDMConfig
-    from cwm_ray.train import SCHEDULES, _seed_everything, build_model, build_optimizer
+    from cwm_ray.train import _seed_everything, build_model, build_optimizer, build_scheduler
 
     _seed_everything(cfg.optim.seed)
     model = build_model(cfg)
@@ -66,8 +65,7 @@ def plain_loop(cfg: Any, rows: list[dict[str, Any]], log_every: int) -> float:
     module.train()
     params = [p for p in module.parameters() if p.requires_grad]
     opt = build_optimizer(cfg, params)
-    sched = get_scheduler(SCHEDULES[cfg.optim.schedule], opt, num_warmup_steps=cfg.optim.warmup_steps,
-                          num_training_steps=cfg.optim.max_steps)
+    sched = build_scheduler(cfg, opt)
     bs, rates, t_last = cfg.optim.batch_size, [], time.perf_counter()
     rng = np.random.default_rng(cfg.optim.seed)
     for step in range(1, cfg.optim.max_steps + 1):

@@ -145,14 +145,19 @@ def build_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch
                              weight_decay=o.weight_decay)
 
 
+def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer) -> Any:
+    """`optim.warmup_steps` of linear warm-up, then `optim.schedule`, over `optim.max_steps`."""
+    return get_scheduler(SCHEDULES[cfg.optim.schedule], optimizer, num_warmup_steps=cfg.optim.warmup_steps,
+                         num_training_steps=cfg.optim.max_steps)
+
+
 def _make_engine(cfg: TrainConfig, module: torch.nn.Module, device: torch.device) -> _Engine:
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters")
     optimizer = build_optimizer(cfg, params)  # also checks optim.schedule
     autocast_cpu = cfg.deepspeed.bf16_cpu and device.type == "cpu"
-    scheduler = get_scheduler(SCHEDULES[cfg.optim.schedule], optimizer, num_warmup_steps=cfg.optim.warmup_steps,
-                              num_training_steps=cfg.optim.max_steps)
+    scheduler = build_scheduler(cfg, optimizer)
     if cfg.deepspeed.enabled:
         import deepspeed
 

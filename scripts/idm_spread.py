@@ -31,14 +31,13 @@ OWN = {"orders": "3", "parallel": "1", "device": "cpu", "bench": "outputs/toy_co
 def run_order(order: int, overrides: list[str], own: dict[str, str]) -> dict[str, Any]:
     """Train one IDM on data order `order` and score it on the bench."""
     import torch
-    from transformers import get_scheduler
 
     from cwm_ray import config
     from cwm_ray.data import read_aurora
     from cwm_ray.evaluate.idm import evaluate_idm
     from cwm_ray.idm import InverseDynamicsModel
     from cwm_ray.storage import read_bytes
-    from cwm_ray.train import SCHEDULES, build_model, build_optimizer
+    from cwm_ray.train import build_model, build_optimizer, build_scheduler
 
     torch.set_num_threads(1)
     cfg = config.load(config.TrainIDMConfig, "configs/train_idm.yaml", overrides)
@@ -46,14 +45,14 @@ def run_order(order: int, overrides: list[str], own: dict[str, str]) -> dict[str
     torch.manual_seed(cfg.optim.seed)  # as the job's rank 0; the toy's weights come from its own fixed seed
     idm: InverseDynamicsModel = build_model(cfg)
     rows = read_aurora(cfg.data.sources[0].uri)
-    enc = idm._teacher_forced_inputs([read_bytes(r["input"]) for r in rows],
-                                     [read_bytes(r["output"]) for r in rows], [r["action"] for r in rows])
+    enc = idm.collate({"source": [read_bytes(r["input"]) for r in rows],
+                       "target": [read_bytes(r["output"]) for r in rows], "action": [r["action"] for r in rows]})
     enc = {k: v.to(idm.device) for k, v in enc.items()}
     module = idm.training_module()
     params = [p for p in module.parameters() if p.requires_grad]
     opt = build_optimizer(cfg, params)
     o = cfg.optim
-    sched = get_scheduler(SCHEDULES[o.schedule], opt, num_warmup_steps=o.warmup_steps, num_training_steps=o.max_steps)
+    sched = build_scheduler(cfg, opt)
     batch, n = o.batch_size * cfg.scaling.num_workers, len(rows)
     autocast = cfg.deepspeed.bf16_cpu and idm.device.type == "cpu"
     gen = torch.Generator().manual_seed(order)

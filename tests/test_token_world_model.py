@@ -56,8 +56,8 @@ def test_layout_puts_the_loss_on_exactly_the_target_image_tokens(tiny_dir: str) 
     wm = _load(tiny_dir)
     m, tok = wm.module, wm.tokenizer
     batch = wm.collate(_batch())
-    src, tgt = m.tokenize(batch["source_pixel_values"]), m.tokenize(batch["target_pixel_values"])
-    ids, is_image, mask = m.layout(src, batch["input_ids"], batch["attention_mask"], tgt)
+    src, tgt = batch["source_codes"], batch["target_codes"]
+    ids, is_image, mask, positions = m.layout(src, batch["input_ids"], batch["attention_mask"], tgt)
     n = tgt.shape[1]
     for b in range(3):
         row = ids[b][mask[b].bool()]
@@ -67,6 +67,14 @@ def test_layout_puts_the_loss_on_exactly_the_target_image_tokens(tiny_dir: str) 
         expected = [tok.bos_token_id, boi, *src[b].tolist(), eoi, *text, boi, *tgt[b, :-1].tolist()]
         assert row.tolist() == expected
         assert img.tolist() == [False, False] + [True] * n + [False] * (2 + len(text)) + [True] * (n - 1)
+        # every target code sits the same distance after its source code, whatever the action's length
+        pos = positions[b][mask[b].bool()]
+        assert pos[2:2 + n].tolist() == list(range(2, 2 + n))
+        start = 2 + n + 2 + m.text_positions  # [bos] <boi> src <eoi> text span <boi>
+        assert pos[-(n - 1):].tolist() == list(range(start, start + n - 1))
+    assert m.text_positions == 24 and len({len(tok(a).input_ids) for a in ACTIONS}) > 1
+    with pytest.raises(ValueError, match="at most 24"):
+        m.layout(src[:1], torch.ones(1, 25, dtype=torch.long), torch.ones(1, 25, dtype=torch.long), tgt[:1])
     # the loss sees the target codes and nothing else: perturbing logits off the last n positions changes nothing
     hidden: list[torch.Tensor] = []
     handle = m.model.model.generation_head.register_forward_hook(lambda _m, args, _out: hidden.append(args[0]))
@@ -83,14 +91,32 @@ def test_target_codes_alone_drive_the_loss(tiny_dir: str) -> None:
     wm = _load(tiny_dir)
     m = wm.module.eval()
     batch = wm.collate(_batch())
-    src, tgt = m.tokenize(batch["source_pixel_values"]), m.tokenize(batch["target_pixel_values"])
-    ids, is_image, mask = m.layout(src, batch["input_ids"], batch["attention_mask"], tgt)
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    src, tgt = batch["source_codes"], batch["target_codes"]
+    ids, is_image, mask, positions = m.layout(src, batch["input_ids"], batch["attention_mask"], tgt)
     hidden = m.model.model.language_model(inputs_embeds=m.embed(ids, is_image), attention_mask=mask,
-                                          position_ids=pos).last_hidden_state
+                                          position_ids=positions).last_hidden_state
     logits = m.image_logits(hidden[:, -tgt.shape[1]:])
     manual = F.cross_entropy(logits.flatten(0, 1), tgt.flatten())
     torch.testing.assert_close(wm.loss(batch), manual)
+
+
+def test_collate_tokenizes_each_distinct_image_once(tiny_dir: str) -> None:
+    """Codes are the VQ's (cosine-nearest entry of the pre-quantization features), kept per image content."""
+    wm = _load(tiny_dir)
+    wm.recognition.enabled = False  # (recognition weights without a weights column run the encoder too)
+    calls: list[int] = []
+    handle = wm.module.vq.encoder.register_forward_hook(lambda _m, args, _out: calls.append(args[0].shape[0]))
+    try:
+        first = wm.collate(_batch())
+        second = wm.collate(_batch())  # a second epoch over the same rows
+        shuffled = wm.collate({k: v[::-1] for k, v in _batch().items()})
+    finally:
+        handle.remove()
+    assert calls == [3, 3]  # sources, then targets, of the first batch only
+    pixels = wm._pixels(list(_batch()["source"]))
+    assert torch.equal(first["source_codes"], wm.module.tokenize(pixels))
+    assert torch.equal(second["target_codes"], first["target_codes"])
+    assert torch.equal(shuffled["source_codes"], first["source_codes"].flip(0))
 
 
 def test_all_ones_weights_are_exactly_the_unweighted_nll(tiny_dir: str) -> None:

@@ -75,3 +75,17 @@ def test_exit_if_unbuilt_names_the_job_that_builds_a_missing_default(tmp_path: P
         exit_if_unbuilt([("IDM", "outputs/models/x", "jobs/train_idm.py")], hint="hint")
     (tmp_path / "outputs" / "models" / "x").mkdir(parents=True)
     exit_if_unbuilt([("IDM", "outputs/models/x", "jobs/train_idm.py")])  # built: nothing happens
+
+
+@pytest.mark.parametrize("name, cls", [
+    ("annotate", "AnnotateConfig"), ("evaluate", "EvaluateConfig"), ("evaluate_idm", "EvaluateIDMConfig"),
+    ("toy", "ToyCorpusConfig"), ("reproduce", "ReproduceConfig"), ("train_idm", "TrainIDMConfig"),
+    ("train_world_model", "TrainWorldModelConfig"), ("train_token_world_model", "TrainWorldModelConfig")])
+def test_every_job_config_in_configs_loads(name: str, cls: str) -> None:
+    """A typo'd key or a wrong type in a shipped config is a ConfigError here, not at a user's first run."""
+    import cwm_ray.config as config
+
+    repo = Path(__file__).resolve().parents[1]
+    cfg = config.load(getattr(config, cls), repo / "configs" / f"{name}.yaml")
+    if name == "train_token_world_model":
+        assert cfg.world_model.backend == "token" and cfg.train.export.endswith("toy_token_world_model")

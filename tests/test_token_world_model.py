@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import random
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from cwm_ray.config import LoRAConfig, ToyWorldConfig, WorldModelConfig
 from cwm_ray.recognition import recognition_weights
@@ -75,6 +77,8 @@ def test_layout_puts_the_loss_on_exactly_the_target_image_tokens(tiny_dir: str) 
     assert m.text_positions == 24 and len({len(tok(a).input_ids) for a in ACTIONS}) > 1
     with pytest.raises(ValueError, match="at most 24"):
         m.layout(src[:1], torch.ones(1, 25, dtype=torch.long), torch.ones(1, 25, dtype=torch.long), tgt[:1])
+    long = wm.collate({k: v[:1] for k, v in _batch().items()} | {"action": np.array([" ".join(["red"] * 40)])})
+    assert long["input_ids"].shape[1] == 24  # longer actions are cut to the span, as CLIP cuts at 77 tokens
     # the loss sees the target codes and nothing else: perturbing logits off the last n positions changes nothing
     hidden: list[torch.Tensor] = []
     handle = m.model.model.generation_head.register_forward_hook(lambda _m, args, _out: hidden.append(args[0]))
@@ -223,6 +227,45 @@ def test_full_and_lora_fine_tuning_round_trip(tiny_dir: str, tmp_path: Path) -> 
     lora.module.eval()
     torch.testing.assert_close(adapted.loss(batch, batch["weights"]), lora.loss(batch, batch["weights"]))
     assert not torch.allclose(adapted.loss(batch), wm.loss(batch))
+
+
+def test_serve_app_with_the_token_backend(tiny_dir: str, tmp_path: Path) -> None:
+    """The Serve app with `world_model.backend: token`: best-of-N over decoded token samples, and an action
+    longer than the model's text span is cut (200), not a failure of the batch it shares."""
+    import base64
+    import socket
+
+    import httpx
+    import ray
+    from ray import serve
+
+    from cwm_ray.idm import build_toy_idm
+    from cwm_ray.serve.app import build_app
+
+    build_toy_idm(str(tmp_path / "idm"), image_size=64, hidden_size=32, text_layers=1)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    # its own Ray, before the module's 2-CPU one: the app's three deployments take a CPU each
+    ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}})
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(build_app({"world_model": {"backend": "token", "model": tiny_dir, "device": "cpu"},
+                             "idm": {"model": str(tmp_path / "idm"), "image_size": 64, "device": "cpu"},
+                             "best_of": 2}), name="cwm_token", route_prefix="/")
+        image = base64.b64encode(_images(1)[0]).decode()
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
+            for action in (ACTIONS[0], " ".join(["red"] * 40)):
+                r = client.post("/v1/predict", json={"image": image, "action": action, "best_of": 3, "seed": 4,
+                                                     "return_candidates": True})
+                assert r.status_code == 200, r.text
+                out = r.json()
+                scores = [c["score"] for c in out["candidates"]]
+                assert len(scores) == 3 and out["chosen"] == int(np.argmax(scores))
+                assert Image.open(io.BytesIO(base64.b64decode(out["image"]))).size == (64, 64)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -264,7 +264,11 @@ class TokenWorldModel:
         return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1.0
 
     def _tokenize_text(self, actions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        enc = self.tokenizer([str(a) for a in actions], padding=True, add_special_tokens=False, return_tensors="pt")
+        """Token ids of the actions, cut to `text_positions` tokens when the model sets it (as CLIP cuts at 77),
+        so one long request cannot fail a batch it shares."""
+        span = self.module.text_positions
+        enc = self.tokenizer([str(a) for a in actions], padding=True, add_special_tokens=False, return_tensors="pt",
+                             truncation=bool(span), max_length=span or None)
         return enc.input_ids, enc.attention_mask
 
     # -- the protocol ------------------------------------------------------------------------------------

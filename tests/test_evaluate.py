@@ -250,14 +250,22 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     return {"wm": str(root / "wm"), "idm": str(root / "idm")}
 
 
-def test_evaluate_end_to_end_and_the_report_in_chromium(tmp_path: Path, tiny_models: dict[str, str],
-                                                        browser: object) -> None:
+def _evaluate_on_local_ray(cfg: EvaluateConfig) -> dict:
     import ray
 
     from cwm_ray.evaluate.pipeline import evaluate
 
-    bench = _bench(tmp_path / "bench")
     os.environ["RAY_AUTH_MODE"] = "disabled"
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        return evaluate(cfg)
+    finally:
+        ray.shutdown()
+
+
+def test_evaluate_end_to_end_and_the_report_in_chromium(tmp_path: Path, tiny_models: dict[str, str],
+                                                        browser: object) -> None:
+    bench = _bench(tmp_path / "bench")
     with JudgeServer() as server:
         cfg = load(EvaluateConfig, REPO / "configs" / "evaluate.yaml", [
             f"bench={bench}", f"world_model.model={tiny_models['wm']}", "world_model.resolution=32",
@@ -265,11 +273,7 @@ def test_evaluate_end_to_end_and_the_report_in_chromium(tmp_path: Path, tiny_mod
             "best_of=[1,2,4]", f"output={tmp_path / 'eval'}", "judge.enabled=true",
             f"judge.base_url={server.base_url}", f"judge.cache_dir={tmp_path / 'cache'}",
             "world_model_stage.batch_size=4", "verifier_stage.batch_size=4"])
-        ray.init(num_cpus=2, include_dashboard=False)
-        try:
-            summary = evaluate(cfg)
-        finally:
-            ray.shutdown()
+        summary = _evaluate_on_local_ray(cfg)
 
     labels = [r["label"] for r in summary["overall"]]
     assert labels == ["world_model (best of 1)", "world_model (best of 2)", "world_model (best of 4)", "copy"]
@@ -304,23 +308,15 @@ def test_evaluate_end_to_end_and_the_report_in_chromium(tmp_path: Path, tiny_mod
 
 def test_evaluate_takes_the_token_backend(tmp_path: Path, tiny_models: dict[str, str]) -> None:
     """`world_model.backend=token` through the same pipeline: sampled VQ tokens, decoded, verified, judged."""
-    import ray
-
-    from cwm_ray.evaluate.pipeline import evaluate
     from cwm_ray.world_model.token import build_toy_token_world_model
 
     build_toy_token_world_model(str(tmp_path / "twm"), resolution=32, hidden_size=32, num_layers=1, num_heads=2)
     bench = _bench(tmp_path / "bench", n=3)
-    os.environ["RAY_AUTH_MODE"] = "disabled"
     cfg = load(EvaluateConfig, REPO / "configs" / "evaluate.yaml", [
         f"bench={bench}", "world_model.backend=token", f"world_model.model={tmp_path / 'twm'}",
         f"idm.model={tiny_models['idm']}", "idm.image_size=32", "best_of=[1,2]", f"output={tmp_path / 'eval'}",
         "world_model_stage.batch_size=4", "verifier_stage.batch_size=4"])
-    ray.init(num_cpus=2, include_dashboard=False)
-    try:
-        summary = evaluate(cfg)
-    finally:
-        ray.shutdown()
+    summary = _evaluate_on_local_ray(cfg)
     assert [r["label"] for r in summary["overall"]] == ["world_model (best of 1)", "world_model (best of 2)", "copy"]
     rows = json.loads((tmp_path / "eval" / "results.json").read_text())["rows"]
     model_rows = [r for r in rows if r["system"] != "copy"]

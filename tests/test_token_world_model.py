@@ -121,6 +121,17 @@ def test_collate_tokenizes_each_distinct_image_once(tiny_dir: str) -> None:
     assert torch.equal(first["source_codes"], wm.module.tokenize(pixels))
     assert torch.equal(second["target_codes"], first["target_codes"])
     assert torch.equal(shuffled["source_codes"], first["source_codes"].flip(0))
+    # with recognition weights computed here, the codes come from the same features: one encoder pass each
+    fresh = _load(tiny_dir)
+    calls.clear()
+    handle = fresh.module.vq.encoder.register_forward_hook(lambda _m, args, _out: calls.append(args[0].shape[0]))
+    try:
+        weighted = fresh.collate(_batch())
+    finally:
+        handle.remove()
+    assert fresh.recognition.enabled and calls == [3, 3]
+    assert torch.equal(weighted["source_codes"], first["source_codes"])
+    assert torch.equal(weighted["target_codes"], first["target_codes"])
 
 
 def test_all_ones_weights_are_exactly_the_unweighted_nll(tiny_dir: str) -> None:

@@ -120,8 +120,12 @@ class JanusWorldModule(nn.Module):
         return self.vq.quant_conv(self.vq.encoder(pixel_values.to(self.vq.quant_conv.weight)))
 
     def tokenize(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(B, h·w) image codes: the codebook entry of highest cosine with each feature (see module doc)."""
-        z = self.pre_quant(pixel_values).flatten(2).transpose(1, 2).double()
+        """(B, h·w) image codes of pixel values (see `quantize`)."""
+        return self.quantize(self.pre_quant(pixel_values))
+
+    def quantize(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) pre-quantization features → (B, h·w) codes: the entry of highest cosine (module doc)."""
+        z = features.flatten(2).transpose(1, 2).double()
         book = self.vq.quantize.embedding.weight.double()
         return (F.normalize(z, dim=-1) @ F.normalize(book, dim=-1).T).argmax(-1)
 
@@ -286,19 +290,23 @@ class TokenWorldModel:
         return self.module.pre_quant(pixels.to(self.device)).float()
 
     @torch.no_grad()
-    def codes(self, images: Sequence[Any]) -> torch.Tensor:
+    def codes(self, images: Sequence[Any], features: torch.Tensor | None = None) -> torch.Tensor:
         """(B, h·w) VQ codes of images (PNG bytes, arrays or PIL images), on the CPU.
 
         The VQ is frozen, so the codes of encoded images are kept (by content hash, up to
         `_CODE_CACHE_SIZE`): a training run pays the VQ encoder, about half of a toy step on CPU, once per
-        distinct image instead of once per epoch.
+        distinct image instead of once per epoch. `features` (`encode_features` of the same images, when
+        the caller has them) are quantized instead of encoding the images again.
         """
         keys = [hashlib.sha1(im).digest() if isinstance(im, bytes) else None for im in images]
         missing = [i for i, k in enumerate(keys) if k is None or k not in self._code_cache]
         fresh: dict[int, torch.Tensor] = {}
         if missing:
-            pixels = self._pixels([images[i] for i in missing]).to(self.device)
-            fresh = dict(zip(missing, self.module.tokenize(pixels).cpu(), strict=True))
+            if features is None:
+                features = self.encode_features([images[i] for i in missing])
+            else:
+                features = features[missing]
+            fresh = dict(zip(missing, self.module.quantize(features).cpu(), strict=True))
             for i, row in fresh.items():
                 if keys[i] is not None:
                     self._code_cache[keys[i]] = row
@@ -315,6 +323,7 @@ class TokenWorldModel:
         """
         sources, targets = list(batch["source"]), list(batch["target"])
         grid = (self.module.grid, self.module.grid)
+        source_features = target_features = None
         if not self.recognition.enabled:
             weights = torch.ones(len(sources), *grid)
         elif batch.get("weights") is not None:
@@ -322,10 +331,11 @@ class TokenWorldModel:
                     zip(batch["weights"], batch["weights_shape"], strict=True)]
             weights = torch.cat([pool_to_grid(m[None], grid) for m in maps])
         else:
-            weights = recognition_weights(self.encode_features(sources), self.encode_features(targets),
-                                          self.recognition.floor).cpu()
+            source_features, target_features = self.encode_features(sources), self.encode_features(targets)
+            weights = recognition_weights(source_features, target_features, self.recognition.floor).cpu()
         input_ids, attention_mask = self._tokenize_text(list(batch["action"]))
-        return {"source_codes": self.codes(sources), "target_codes": self.codes(targets), "input_ids": input_ids,
+        return {"source_codes": self.codes(sources, source_features),
+                "target_codes": self.codes(targets, target_features), "input_ids": input_ids,
                 "attention_mask": attention_mask, "weights": weights}
 
     def training_module(self) -> nn.Module:
@@ -465,7 +475,7 @@ _TOY_PAD = 100.0
 """Constant feature channel: with it, cosine nearest code ≈ L2 nearest, and the decoder's normalised
 codebook entries keep their scale to 1e-3 (an entry is [a, PAD] / |[a, PAD]| with |a|² ≲ 40)."""
 _TOY_SWISH = 20.0
-"""Offset that puts SiLU in its linear range (sigmoid(20 ± 2) = 1 − 1e-8)."""
+"""Offset that puts SiLU in its linear range (sigmoid(20 ± 2) = 1 − 1e-8; the decoder's values stay ≲ 8)."""
 
 
 def _toy_vq_config(resolution: int, hidden: int) -> dict[str, Any]:
@@ -556,8 +566,6 @@ _TOY_TEXT_POSITIONS = 24
 """The toy's `text_positions` (its actions have ≤ 11 words): the fixed source → target offset let copying the
 unchanged cells emerge by step 1000 of a 4000-step run (teacher-forced copy of unchanged objects 72 %), where
 the text-length-dependent offset had 5 % (GPU sweep, same seed and data order)."""
-_TOY_OFFSET = 20.0
-"""Bias that puts SiLU in its linear range: SiLU(x + 20) = x + 20 to 1e-7 for |x| ≲ 8."""
 _TOY_RELU = 200.0
 """Gain that makes SiLU a ReLU: SiLU(200·x) / 200 = max(x, 0) to 1e-9 for |x| ≥ 0.09 (the smallest colour step)."""
 _TOY_MASK_GAIN = 3.0
@@ -590,6 +598,10 @@ class _Slots:
         """The GroupNorm after this map: `gain·x + offset` on the named slots, 0 (so SiLU gives 0) elsewhere."""
         norm.weight.zero_()
         norm.bias.zero_()
+        self.scale(norm, names, gain, offset)
+
+    def scale(self, norm: nn.GroupNorm, names: Sequence[str], gain: float = 1.0, offset: float = 0.0) -> None:
+        """`gain·x + offset` on the named slots of a GroupNorm after this map, the others as they are."""
         for n in names:
             norm.weight[self[n]], norm.bias[self[n]] = gain * _TOY_DECODER_FILL / math.sqrt(2.0), offset
 
@@ -613,7 +625,7 @@ def _read(conv: nn.Conv2d, out: int, inp: int, one: int, w: float, dy: int = 0, 
     tap outside the image reads 0, as on a raw map.
     """
     _tap(conv, out, inp, w, dy, dx)
-    _tap(conv, out, one, -w * _TOY_OFFSET / (1.0 + _TOY_OFFSET), dy, dx)
+    _tap(conv, out, one, -w * _TOY_SWISH / (1.0 + _TOY_SWISH), dy, dx)
 
 
 def _integer_basis(values: Sequence[float], n: int) -> tuple[float, np.ndarray]:
@@ -704,13 +716,13 @@ def _construct_toy_decoder(vq: nn.Module, kinds: Sequence[tuple[str, str]], grid
     hidden = _Slots(["one", "ax", "bx", "ay", "by", *codes], width)
     for block in (dec.mid.block_1, dec.mid.block_2, dec.up[0].block[0]):  # each adds two shifts to the ramps
         first = block is dec.mid.block_1
-        s8.norm(block.norm1, ["one", "vx", "vy", *(latent[1:] if first else [])], offset=_TOY_OFFSET)
+        s8.norm(block.norm1, ["one", "vx", "vy", *(latent[1:] if first else [])], offset=_TOY_SWISH)
         _read(block.conv1, hidden["one"], s8["one"], s8["one"], 1.0)
         for a, b, v, dy, dx in (("ax", "bx", "vx", 0, -1), ("ay", "by", "vy", -1, 0)):
             _read(block.conv1, hidden[a], s8[v], s8["one"], 1.0, dy, dx)  # a = z·v
             _read(block.conv1, hidden[b], s8[v], s8["one"], 1.0)  # b = v
         hidden.fill(block.conv1)
-        hidden.norm(block.norm2, ["one", "ax", "bx", "ay", "by"], offset=_TOY_OFFSET)
+        hidden.norm(block.norm2, ["one", "ax", "bx", "ay", "by"], offset=_TOY_SWISH)
         for a, b, s, v, dy, dx in (("ax", "bx", "sx", "vx", 0, -1), ("ay", "by", "sy", "vy", -1, 0)):
             _read(block.conv2, s8[s], hidden[a], hidden["one"], 1.0)  # s += z·a + z²·a
             _read(block.conv2, s8[s], hidden[a], hidden["one"], 1.0, dy, dx)
@@ -721,8 +733,7 @@ def _construct_toy_decoder(vq: nn.Module, kinds: Sequence[tuple[str, str]], grid
                 for d, wd in enumerate(w):
                     _read(block.conv1, hidden[unit], s8[f"z{d}"], s8["one"], float(wd))
                 _bias(block.conv1, hidden[unit], float(b))
-            for n in codes:
-                block.norm2.weight[hidden[n]] = _TOY_RELU * _TOY_DECODER_FILL / math.sqrt(2.0)
+            hidden.scale(block.norm2, codes, gain=_TOY_RELU)
             for k, unit in enumerate(codes, start=1):
                 for n, value in zip(carried, descriptors[k], strict=True):
                     if value:

@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
-# Idempotent set-up: .venv with the CPU torch wheel first (a plain `torch` pulls a multi-GB CUDA
-# build), DeepSpeed without its C++ ops (they JIT-compile on first use), then cwm_ray editable.
+# Idempotent set-up: .venv with torch + torchvision first (a matched pair: transformers 5 needs torchvision
+# for the Qwen2-VL / SmolVLM processors), DeepSpeed without its C++ ops (they JIT-compile on first use), then
+# cwm_ray editable. The pair is torch 2.14.1 + torchvision 0.29.1: PyPI's torchvision 0.28.0 does not load
+# beside the local CPU-only torch 2.13.0 wheel ("operator torchvision::nms does not exist"), while 2.14.1 and
+# 0.29.1 are built together (a CUDA build that runs on the CPU; pip takes both from the machine's wheel
+# cache where it has one, else from PyPI).
 # A stamp of pyproject.toml + this script makes a re-run a no-op that takes well under a second.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,7 +29,7 @@ fi
 [[ -x $VENV/bin/python ]] || "$PY" -m venv "$VENV"
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check --quiet)
 "${PIP[@]}" install --upgrade pip setuptools wheel
-"${PIP[@]}" install "torch==2.13.0"
+"${PIP[@]}" install "torch==2.14.1" "torchvision==0.29.1"
 DS_BUILD_OPS=0 "${PIP[@]}" install --no-build-isolation "deepspeed>=0.19"
 "${PIP[@]}" install -e ".[dev]"
 echo "$want" > "$STAMP"

@@ -28,6 +28,16 @@ class ConfigError(ValueError):
     """A config file or override that does not fit the job's typed config."""
 
 
+def check_choice(key: str, value: str | None, choices: Sequence[str]) -> None:
+    """Raise ConfigError unless `value` is one of `choices`.
+
+    Why in `__post_init__`: OmegaConf's `to_object` builds every section through its dataclass, so a typo in
+    a string setting is one line naming the key when the config is parsed, not an error row per video or a
+    dead worker after Ray has started.
+    """
+    if value not in choices:
+        raise ConfigError(f"bad value for config key '{key}': {value!r}; use one of {', '.join(map(str, choices))}")
+
 @dataclass
 class StorageConfig:
     """How to reach s3:// URIs. Local paths need nothing."""
@@ -222,6 +232,10 @@ def exit_if_unbuilt(needs: Sequence[tuple[str, str | None, str]], hint: str = ""
 
 TOY = "toy"
 """A model name meaning: build the tiny toy config of the architecture, randomly initialised."""
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+"""`dtype` settings (cwm_ray.world_model.DTYPES maps them to torch dtypes; this module does not import torch)."""
+WORLD_MODEL_BACKENDS = ("diffusion", "token")
+"""`world_model.backend` settings (cwm_ray.world_model.BACKENDS, which loads them)."""
 
 
 @dataclass
@@ -261,6 +275,8 @@ class IDMConfig:
     """Off unless a model needs it: remote code runs with your credentials."""
     lora: LoRAConfig = field(default_factory=LoRAConfig)
 
+    def __post_init__(self) -> None:
+        check_choice("idm.dtype", self.dtype, DTYPE_NAMES)
 
 @dataclass
 class RecognitionConfig:
@@ -323,6 +339,9 @@ class WorldModelConfig:
     token: TokenSamplingConfig = field(default_factory=TokenSamplingConfig)
     """Sampling of the `token` backend (the diffusion settings above do not apply to it)."""
 
+    def __post_init__(self) -> None:
+        check_choice("world_model.backend", self.backend, WORLD_MODEL_BACKENDS)
+        check_choice("world_model.dtype", self.dtype, DTYPE_NAMES)
 
 # ---------------------------------------------------------------------------------------------
 # Training
@@ -400,6 +419,8 @@ class OptimSection:
     """Learning rate after warm-up: `cosine` (decays to 0 at max_steps) or `constant`."""
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        check_choice("optim.schedule", self.schedule, ("cosine", "constant"))  # cwm_ray.train.SCHEDULES
 
 @dataclass
 class TrainSection:
@@ -489,6 +510,10 @@ class FramesConfig:
     image_format: str = "PNG"
     """Encoding of the stored frames: PNG or JPEG."""
 
+    def __post_init__(self) -> None:
+        check_choice("frames.motion", self.motion, ("farneback", "diff"))
+        check_choice("frames.pairing", self.pairing, ("bracket", "consecutive"))
+        check_choice("frames.image_format", self.image_format, ("PNG", "JPEG", "png", "jpeg"))
 
 @dataclass
 class FilterConfig:
@@ -506,6 +531,9 @@ class FilterConfig:
         "below", "behind", "next", "to", "from", "of", "away", "back", "open", "close", "closed",
     ])
 
+    def __post_init__(self) -> None:
+        check_choice("filter.score", self.score, ("sum", "mean"))
+        check_choice("filter.class_rule", self.class_rule, ("verb_phrase", "first_word", "full"))
 
 @dataclass
 class CorpusInput:
@@ -556,6 +584,8 @@ class AnnotateConfig:
     fail_once_in: str | None = None
     """Fault injection (tests, bench/): `idm` kills the IDM actor's process once, mid-run."""
 
+    def __post_init__(self) -> None:
+        check_choice("fail_once_in", self.fail_once_in, (None, "idm"))
 
 # ---------------------------------------------------------------------------------------------
 # Serving

@@ -89,3 +89,31 @@ def test_every_job_config_in_configs_loads(name: str, cls: str) -> None:
     cfg = config.load(getattr(config, cls), repo / "configs" / f"{name}.yaml")
     if name == "train_token_world_model":
         assert cfg.world_model.backend == "token" and cfg.train.export.endswith("toy_token_world_model")
+
+
+@pytest.mark.parametrize("cls, override", [
+    ("AnnotateConfig", "frames.motion=flow"), ("AnnotateConfig", "frames.pairing=brackets"),
+    ("AnnotateConfig", "frames.image_format=webp"), ("AnnotateConfig", "filter.score=max"),
+    ("AnnotateConfig", "filter.class_rule=verb"), ("AnnotateConfig", "idm.dtype=fp16"),
+    ("AnnotateConfig", "fail_once_in=decode"), ("TrainWorldModelConfig", "world_model.backend=tokens"),
+    ("TrainWorldModelConfig", "world_model.dtype=half"), ("TrainIDMConfig", "optim.schedule=linear"),
+    ("ServeConfig", "world_model.backend=gan")])
+def test_a_typo_in_a_string_setting_is_named_when_the_config_is_parsed(cls: str, override: str) -> None:
+    """Before, `frames.pairing=brackets` passed here and turned every video into an error row at run time."""
+    import cwm_ray.config as config
+
+    key, value = override.split("=")
+    with pytest.raises(ConfigError, match=rf"'{key}': '{value}'; use one of"):
+        config.load(getattr(config, cls), None, [override])
+    section, name = key.split(".", 1) if "." in key else (None, key)
+    values = {section: {name: value}} if section else {name: value}
+    with pytest.raises(ConfigError, match=rf"'{key}'"):
+        config.from_dict(getattr(config, cls), values)
+
+
+def test_a_job_with_a_typo_in_a_string_setting_exits_2_before_ray_starts() -> None:
+    proc = subprocess.run([sys.executable, "jobs/annotate.py", "frames.pairing=brackets"], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "error: bad value for config key 'frames.pairing': 'brackets'; use one of bracket, consecutive"]

@@ -38,6 +38,7 @@ def check_choice(key: str, value: str | None, choices: Sequence[str]) -> None:
     if value not in choices:
         raise ConfigError(f"bad value for config key '{key}': {value!r}; use one of {', '.join(map(str, choices))}")
 
+
 @dataclass
 class StorageConfig:
     """How to reach s3:// URIs. Local paths need nothing."""
@@ -238,6 +239,12 @@ WORLD_MODEL_BACKENDS = ("diffusion", "token")
 """`world_model.backend` settings (cwm_ray.world_model.BACKENDS, which loads them)."""
 
 
+TRANSFORMERS_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+"""Attention projections of a transformers language model (Llama, Qwen2, Mistral, SmolLM, Janus's Llama)."""
+DIFFUSERS_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+"""Attention projections of a diffusers UNet (diffusers' own LoRA training scripts adapt these)."""
+
+
 @dataclass
 class LoRAConfig:
     """peft LoRA settings (the paper: r=16, alpha=32)."""
@@ -247,8 +254,10 @@ class LoRAConfig:
     r: int = 16
     alpha: int = 32
     dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    """Module names to adapt. For the diffusion UNet use to_q, to_k, to_v, to_out.0."""
+    target_modules: list[str] = field(default_factory=list)
+    """Module names to adapt; empty = the model family's usual targets (`default_lora_targets`): the attention
+    projections q_proj/k_proj/v_proj/o_proj of a transformers language model (every IDM, Janus's Llama), and
+    to_q/to_k/to_v/to_out.0 of a diffusers UNet (InstructPix2Pix). A name the model lacks is an error."""
 
 
 @dataclass
@@ -261,8 +270,10 @@ class IDMConfig:
     """Optional LoRA adapter directory (local or s3://) applied on top of `model`."""
     prompt: str = "{image}{image}what action turns the first image into the second ?"
     """Instruction template; each {image} becomes the processor's image placeholder, in frame order."""
-    image_size: int = 64
-    """Frames are resized to this before the processor (the toy vision tower's input size)."""
+    image_size: int | None = None
+    """Frames are resized to this square side before the processor; None = the processor sizes them itself
+    (LLaVA's 336 px crop, Qwen2-VL's dynamic resolution, Idefics3's tiles), as the model was trained. The toy
+    configs set 64, the toy vision tower's input size."""
     max_new_tokens: int = 16
     do_sample: bool = False
     """Greedy by default; sampling uses `temperature` and the seed given to `label`."""
@@ -277,6 +288,7 @@ class IDMConfig:
 
     def __post_init__(self) -> None:
         check_choice("idm.dtype", self.dtype, DTYPE_NAMES)
+
 
 @dataclass
 class RecognitionConfig:
@@ -311,8 +323,10 @@ class WorldModelConfig:
     model: str = "outputs/models/toy_world_model"
     """Hugging Face id, local or s3:// path of an InstructPix2Pix-style checkpoint; `toy` builds a tiny one."""
     adapter: str | None = None
-    resolution: int = 64
-    """Images are resized to this side for training and sampling."""
+    resolution: int | None = None
+    """Images are resized to this side for training and sampling; None = the checkpoint's native side
+    (InstructPix2Pix: the UNet's sample_size × the VAE's factor, 256 for timbrooks/instruct-pix2pix; Janus-Pro:
+    its VQ's 384). The toy configs set 64. The token backend always works at its VQ's side."""
     num_inference_steps: int = 10
     guidance_scale: float = 3.0
     """Classifier-free guidance over the action text."""
@@ -333,15 +347,14 @@ class WorldModelConfig:
     dtype: str = "float32"
     device: str = "auto"
     trust_remote_code: bool = False
-    lora: LoRAConfig = field(
-        default_factory=lambda: LoRAConfig(target_modules=["to_q", "to_k", "to_v", "to_out.0"])
-    )
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     token: TokenSamplingConfig = field(default_factory=TokenSamplingConfig)
     """Sampling of the `token` backend (the diffusion settings above do not apply to it)."""
 
     def __post_init__(self) -> None:
         check_choice("world_model.backend", self.backend, WORLD_MODEL_BACKENDS)
         check_choice("world_model.dtype", self.dtype, DTYPE_NAMES)
+
 
 # ---------------------------------------------------------------------------------------------
 # Training
@@ -422,6 +435,7 @@ class OptimSection:
     def __post_init__(self) -> None:
         check_choice("optim.schedule", self.schedule, ("cosine", "constant"))  # cwm_ray.train.SCHEDULES
 
+
 @dataclass
 class TrainSection:
     name: str = "toy"
@@ -481,8 +495,12 @@ class TrainWorldModelConfig:
 class FramesConfig:
     """Decoding and frame choice (the paper: top K_f = 6 frames by optical flow, at least I_f = 20 apart)."""
 
-    working_size: int = 64
-    """Frames are downscaled so their longer side is this many pixels before anything else."""
+    motion_size: int = 128
+    """Motion is measured on frames downscaled so their longer side is this many pixels (optical flow at full
+    resolution costs far more and finds the same peaks)."""
+    max_side: int = 512
+    """Stored frames keep the source resolution, downscaled only so their longer side is at most this (the
+    IDM and the world model resize to their own input sizes later). The toy configs set 64."""
     motion: str = "farneback"
     """`farneback` (OpenCV dense optical flow magnitude) or `diff` (mean absolute frame difference, cheaper)."""
     k_frames: int = 6
@@ -515,6 +533,7 @@ class FramesConfig:
         check_choice("frames.pairing", self.pairing, ("bracket", "consecutive"))
         check_choice("frames.image_format", self.image_format, ("PNG", "JPEG", "png", "jpeg"))
 
+
 @dataclass
 class FilterConfig:
     """The stratified top-K filter (paper §Strategy 1): per corpus, round-robin over action classes."""
@@ -534,6 +553,7 @@ class FilterConfig:
     def __post_init__(self) -> None:
         check_choice("filter.score", self.score, ("sum", "mean"))
         check_choice("filter.class_rule", self.class_rule, ("verb_phrase", "first_word", "full"))
+
 
 @dataclass
 class CorpusInput:
@@ -586,6 +606,7 @@ class AnnotateConfig:
 
     def __post_init__(self) -> None:
         check_choice("fail_once_in", self.fail_once_in, (None, "idm"))
+
 
 # ---------------------------------------------------------------------------------------------
 # Serving

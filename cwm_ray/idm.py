@@ -5,9 +5,14 @@ with an action and its log-likelihood (the stratified top-K filter ranks by it),
 the world model's N candidates by p(action | source, candidate) for best-of-N. Both are the same conditional
 likelihood; this file computes it one way (teacher forcing, right padding) so the verifier and the filter agree.
 
-The sequence is `prompt(source, target) + action + EOS`. The prompt is `IDMConfig.prompt` with each `{image}`
-replaced by the processor's image placeholder, which the processor expands to the vision tower's token count.
-Only the action tokens and EOS carry labels, so the loss and the scores are over the answer alone.
+The sequence is `prompt(source, target) + action + EOS`. An instruction-tuned VLM gets its prompt through its
+processor's chat template (`apply_chat_template` with one user turn: two image entries, then the question, and
+the generation prompt), which puts each image where the model expects it (Qwen2-VL:
+`<|vision_start|><|image_pad|><|vision_end|>`; LLaVA-1.5: `USER: <image>...ASSISTANT:`; SmolVLM:
+`<fake_token_around_image>...`). A processor without a template (the toy) gets `IDMConfig.prompt` with each
+`{image}` replaced by the processor's image placeholder. Either way the processor expands the placeholders to
+the vision tower's token count. Only the action tokens and EOS carry labels, so the loss and the scores are over
+the answer alone: training masks the prompt, and `label` and `score` read the same likelihood.
 
 Nothing here knows about distribution: `training_module()` is a plain `nn.Module` that Ray Train / DeepSpeed
 wrap, and `collate()` turns a Ray Data batch into its inputs.
@@ -17,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import re
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -41,7 +45,8 @@ from transformers import (
 )
 
 from cwm_ray import storage
-from cwm_ray.config import TOY, IDMConfig, LoRAConfig
+from cwm_ray.config import TOY, TRANSFORMERS_LORA_TARGETS, IDMConfig, LoRAConfig
+from cwm_ray.lora import lora_targets, target_regex
 from cwm_ray.schema import decode_image
 from cwm_ray.world_model import DTYPES, resolve_device
 
@@ -74,14 +79,29 @@ class InverseDynamicsModel:
         # is one image, so the prompt keeps only its first placeholder.
         self.reach = tubelet_reach(getattr(vision, "num_channels", 3))
         self.patch_size: int = getattr(vision, "patch_size", 1)
-        prompt = cfg.prompt
-        if self.tubelet:
-            head, sep, tail = prompt.partition("{image}")
-            prompt = head + sep + tail.replace("{image}", "")
-        self.prompt = prompt.replace("{image}", image_token)
+        self.chat_template = bool(getattr(processor, "chat_template", None)) and not self.tubelet
+        self.prompt = self._prompt(cfg.prompt, image_token)
         self.eos_token_id: int = self.tokenizer.eos_token_id
         pad = self.tokenizer.pad_token_id
         self.pad_token_id: int = self.eos_token_id if pad is None else pad
+
+    def _prompt(self, template: str, image_token: str) -> str:
+        """The prompt text before the processor expands image placeholders.
+
+        With a chat template, `{image}` markers only say how many images there are: each becomes an image
+        entry of the user turn, in order, and the rest of the template is the question. Without one the
+        template is used as written.
+        """
+        images = 1 if self.tubelet else max(1, template.count("{image}"))
+        if self.chat_template:
+            question = " ".join(template.replace("{image}", " ").split())
+            content = [{"type": "image"}] * images + [{"type": "text", "text": question}]
+            return self.processor.apply_chat_template(
+                [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
+        if self.tubelet:
+            head, sep, tail = template.partition("{image}")
+            template = head + sep + tail.replace("{image}", "")
+        return template.replace("{image}", image_token)
 
     @property
     def tubelet(self) -> bool:
@@ -95,7 +115,7 @@ class InverseDynamicsModel:
         """`cfg.model` is a hub id, a local or s3:// directory, or `toy` (a fresh random tiny LLaVA)."""
         dtype = DTYPES[cfg.dtype]
         if cfg.model == TOY:
-            model, processor = build_toy_idm(image_size=cfg.image_size)
+            model, processor = build_toy_idm(image_size=cfg.image_size or 64)
             model = model.to(dtype)
         else:
             path = storage.local_dir(cfg.model)
@@ -133,18 +153,19 @@ class InverseDynamicsModel:
         return next(self.model.parameters()).device
 
     def _frames(self, images: Sequence[ImageLike]) -> list[Image.Image]:
+        """Decoded frames; resized to `image_size` only when the config asks (else the processor sizes them)."""
+        frames = [decode_image(image) for image in images]
+        if self.cfg.image_size is None:
+            return frames
         size = (self.cfg.image_size, self.cfg.image_size)
-        out = []
-        for image in images:
-            img = decode_image(image)
-            out.append(img if img.size == size else img.resize(size, Image.Resampling.BICUBIC))
-        return out
+        return [f if f.size == size else f.resize(size, Image.Resampling.BICUBIC) for f in frames]
 
     def _prompt_inputs(self, sources: Sequence[ImageLike], targets: Sequence[ImageLike]) -> dict[str, torch.Tensor]:
         """The processor's encoding of prompt + both frames. Left padding, for `generate`.
 
-        One template and one image size give every row the same length, so in practice there is no padding
-        and the prompt occupies columns [0, P) of every row.
+        One template and one image size give every row the same length, so usually there is no padding and
+        the prompt occupies columns [0, P) of every row. Models with dynamic resolution (Qwen2-VL) give frames
+        of other sizes other lengths; the left padding then sits before the shorter prompts, masked.
         """
         if len(sources) != len(targets):
             raise ValueError(f"{len(sources)} sources but {len(targets)} targets")
@@ -322,12 +343,16 @@ def _seeded(seed: int | None, device: torch.device) -> Iterator[None]:
 
 
 def _language_model_targets(model: PreTrainedModel, names: Sequence[str]) -> str | list[str]:
-    """A peft `target_modules` regex limited to the language model (vision towers also have q_proj, ...)."""
+    """A peft `target_modules` regex limited to the language model (vision towers also have q_proj, ...).
+
+    Empty `names` = the attention projections every transformers LM names alike; a name the language model
+    lacks is a clear error naming the family, not peft's "target modules not found".
+    """
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
     prefix = next((n for n, m in model.named_modules() if m is decoder and n), None)
-    if prefix is None:
-        return list(names)
-    return rf"{re.escape(prefix)}\..*\.({'|'.join(re.escape(n) for n in names)})"
+    names = lora_targets(decoder if prefix is not None else model, names, TRANSFORMERS_LORA_TARGETS,
+                         type(model).__name__, "idm.lora.target_modules")
+    return names if prefix is None else target_regex(prefix, names)
 
 
 def _merged_state_dict(model: PeftModel) -> dict[str, torch.Tensor]:

@@ -6,6 +6,10 @@ within ±(I_f − 1) frames), keep the K_f best, and form pairs either the paper
 (`pairing=consecutive`) or around each peak (`pairing=bracket`: the last still frame before the
 movement and the first still frame after it, so a pair shows exactly one action).
 
+Two sizes: motion is measured on a small copy of each frame (`frames.motion_size`, cheap flow), while the
+frames that become pairs keep the source resolution up to `frames.max_side`, so a real IDM and world model
+see them at their own input sizes instead of upscaled thumbnails.
+
 Memory: frames are downscaled as they are decoded, and only a ring buffer of the last
 `max_span + max(I_f, max_span)` frames plus the K_f best candidates are ever held.
 """
@@ -39,6 +43,19 @@ class Frame:
     index: int
     time: float
     rgb: np.ndarray
+    """The stored frame: source resolution, longer side at most `frames.max_side`."""
+    small: np.ndarray | None = None
+    """The motion-analysis copy (longer side `frames.motion_size`); None = `rgb` itself."""
+
+    @property
+    def motion_rgb(self) -> np.ndarray:
+        return self.rgb if self.small is None else self.small
+
+
+def _fit(width: int, height: int, side: int) -> tuple[int, int]:
+    """(w, h) scaled down so the longer side is at most `side` (never up), even-sized as codecs like."""
+    scale = min(1.0, side / max(width, height))
+    return max(2, round(width * scale)), max(2, round(height * scale))
 
 
 @dataclass
@@ -49,7 +66,8 @@ class Pair:
 
 
 def iter_frames(data: bytes, cfg: FramesConfig) -> Iterator[Frame]:
-    """Decoded frames, downscaled so the longer side is `cfg.working_size`; errors become VideoError."""
+    """Decoded frames at most `cfg.max_side` on the longer side, each with its `cfg.motion_size` copy for
+    motion scores; errors become VideoError."""
     if not data:
         raise VideoError("EmptyFile", "the file is empty (0 bytes)")
     try:
@@ -66,10 +84,11 @@ def iter_frames(data: bytes, cfg: FramesConfig) -> Iterator[Frame]:
             for i, frame in enumerate(container.decode(stream)):
                 if i >= cfg.max_frames:
                     break
-                scale = cfg.working_size / max(frame.width, frame.height)
-                w, h = max(2, round(frame.width * scale)), max(2, round(frame.height * scale))
+                w, h = _fit(frame.width, frame.height, cfg.max_side)
                 rgb = frame.to_ndarray(format="rgb24", width=w, height=h)
-                yield Frame(i, float(frame.time) if frame.time is not None else i / rate, rgb)
+                mw, mh = _fit(w, h, cfg.motion_size)
+                small = None if (mw, mh) == (w, h) else cv2.resize(rgb, (mw, mh), interpolation=cv2.INTER_AREA)
+                yield Frame(i, float(frame.time) if frame.time is not None else i / rate, rgb, small)
         except av.error.FFmpegError as exc:
             raise VideoError("CorruptVideo", f"decoding failed: {exc}") from None
 
@@ -133,7 +152,8 @@ def choose_pairs(frames: Iterator[Frame], cfg: FramesConfig) -> tuple[list[Pair]
 
     for frame in frames:
         # Flow reads luminance; the difference reads colour too (a recolour can keep the brightness).
-        cur = frame.rgb if cfg.motion == "diff" else cv2.cvtColor(frame.rgb, cv2.COLOR_RGB2GRAY)
+        rgb = frame.motion_rgb
+        cur = rgb if cfg.motion == "diff" else cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
         m = 0.0 if prev is None else motion_score(prev, cur, cfg.motion)
         prev = cur
         count += 1

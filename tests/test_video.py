@@ -52,9 +52,13 @@ def test_peaks_respect_k_and_spacing_in_consecutive_mode(corpus: Path) -> None:
     assert all(b - a >= 20 for a, b in zip(idx, idx[1:], strict=False))
 
 
-def test_frames_are_downscaled_to_working_size(corpus: Path) -> None:
-    frame = next(iter_frames((corpus / "videos" / "toy_00001.mp4").read_bytes(), FramesConfig(working_size=32)))
-    assert frame.rgb.shape == (32, 32, 3)
+def test_stored_frames_are_capped_by_max_side_and_motion_runs_on_a_small_copy(corpus: Path) -> None:
+    data = (corpus / "videos" / "toy_00001.mp4").read_bytes()
+    frame = next(iter_frames(data, FramesConfig(motion_size=16, max_side=32)))
+    assert frame.rgb.shape == (32, 32, 3) and frame.motion_rgb.shape == (16, 16, 3)
+    # Never upscaled: a 64 px video stays 64 px under the default 512 cap.
+    frame = next(iter_frames(data, FramesConfig(motion_size=128, max_side=512)))
+    assert frame.rgb.shape == (64, 64, 3) and frame.small is None
 
 
 def _synthetic(n: int) -> Iterator[Frame]:

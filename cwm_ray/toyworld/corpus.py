@@ -55,7 +55,7 @@ def through_video(
     frames += [frames[-1]] * idle
     # Decoded as annotation decodes a video (at the world's size, so no resize).
     decoded = [f.rgb for f in iter_frames(encode_mp4(frames, cfg.fps, crf, pix_fmt),
-                                          FramesConfig(working_size=cfg.image_size))]
+                                          FramesConfig(motion_size=cfg.image_size, max_side=cfg.image_size))]
     return decoded[idle - 1], decoded[-1]
 
 

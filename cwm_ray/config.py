@@ -115,23 +115,58 @@ def _format_error(exc: OmegaConfBaseException, source: str) -> str:
     return f"invalid config (from {source}): {msg}"
 
 
-def load(cls: type[T], config_file: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
-    """Build a `cls` from its defaults, then `config_file` (YAML), then `key=value` overrides.
+PROFILE_SECTIONS: dict[str, str] = {
+    "AnnotateConfig": "annotate", "TrainIDMConfig": "train_idm", "TrainWorldModelConfig": "train_world_model",
+    "ServeConfig": "serve", "EvaluateConfig": "evaluate", "EvaluateIDMConfig": "evaluate_idm",
+}
+"""A *profile* (configs/real/*.yaml) sets every stage for one model pair in one file: a top-level section per
+job, named here; top-level keys starting with `_` hold YAML anchors the sections share. A job given a profile
+reads its own section, so the model ids, sizes and prompt are written once for the whole pipeline."""
+
+
+def read_layer(cls: type, config_file: str | Path) -> DictConfig:
+    """One YAML layer for `cls`: the file itself, or the job's section when the file is a profile."""
+    path = Path(config_file)
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        node = OmegaConf.load(path)
+    except (OmegaConfBaseException, OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read {path}: {str(exc).splitlines()[0]}") from None
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"{path}: a config file must be a YAML mapping")
+    stages = [k for k in node if str(k) in PROFILE_SECTIONS.values()]
+    if not stages:
+        return node
+    section = PROFILE_SECTIONS.get(cls.__name__)
+    if section not in node:
+        raise ConfigError(f"{path} is a profile with sections {', '.join(map(str, stages))}, none for "
+                          f"{cls.__name__} (its section is named {section!r})")
+    stray = [str(k) for k in node if str(k) not in PROFILE_SECTIONS.values() and not str(k).startswith("_")]
+    if stray:
+        raise ConfigError(f"{path}: unknown profile section(s) {', '.join(stray)}; sections are "
+                          f"{', '.join(PROFILE_SECTIONS.values())}, and keys starting with _ hold shared anchors")
+    return node[section] if node[section] is not None else OmegaConf.create({})
+
+
+def load(cls: type[T], config_file: str | Path | Sequence[str | Path] | None = None,
+         overrides: Sequence[str] = ()) -> T:
+    """Build a `cls` from its defaults, then each config file (YAML) in order, then `key=value` overrides.
 
     Every layer is checked against the dataclass: unknown keys and wrongly typed values raise
-    `ConfigError` naming the key.
+    `ConfigError` naming the key. Several files layer left to right (a model profile, then a cluster's
+    resource wiring); a profile file contributes its section for `cls` (`PROFILE_SECTIONS`).
     """
     cfg = OmegaConf.structured(cls)
     OmegaConf.set_struct(cfg, True)
     _open_dicts(cfg)
-    if config_file is not None:
-        path = Path(config_file)
-        if not path.exists():
-            raise ConfigError(f"config file not found: {path}")
+    files = [] if config_file is None else [config_file] if isinstance(config_file, str | Path) else config_file
+    for config_path in files:
+        layer = read_layer(cls, config_path)
         try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+            cfg = OmegaConf.merge(cfg, layer)
         except OmegaConfBaseException as exc:
-            raise ConfigError(_format_error(exc, str(path))) from None
+            raise ConfigError(_format_error(exc, str(config_path))) from None
     bad = [o for o in overrides if "=" not in o or o.startswith("=")]
     if bad:
         raise ConfigError(f"overrides must look like key=value, got: {' '.join(bad)}")
@@ -163,32 +198,37 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def parse_cli(cls: type[T], argv: Sequence[str] | None = None, default_config: str | None = None) -> T:
-    """`[--config FILE] [key=value ...]` → config. Prints the resolved config, as every job does.
+    """`[--config FILE ...] [key=value ...]` → config. Prints the resolved config, as every job does.
 
     `default_config` (relative to the repository root) is used when no `--config` is given, so a job
-    run with no arguments uses the embedded default.
+    run with no arguments uses the embedded default. Several `--config` files layer in the order given
+    (e.g. a model profile from configs/real/, then a cluster's wiring from configs/cluster/).
     """
     args = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in args):
         print(f"usage: [--config FILE] [key=value ...]\n\ndefaults ({cls.__name__}):\n")
         print(to_yaml(load(cls, _default_path(default_config))))
         raise SystemExit(0)
-    config_file: str | Path | None = None
-    if "--config" in args:
-        i = args.index("--config")
-        if i + 1 >= len(args):
-            raise ConfigError("--config needs a file")
-        config_file = args[i + 1]
-        del args[i : i + 2]
-    else:
-        for a in list(args):
-            if a.startswith("--config="):
-                config_file = a.split("=", 1)[1]
-                args.remove(a)
-    if config_file is None:
-        config_file = _default_path(default_config)
-    cfg = load(cls, config_file, args)
-    print(f"# resolved {cls.__name__}" + (f" (from {config_file})" if config_file else ""))
+    config_files: list[str | Path] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(args):
+        if args[i] == "--config":
+            if i + 1 >= len(args):
+                raise ConfigError("--config needs a file")
+            config_files.append(args[i + 1])
+            i += 2
+            continue
+        if args[i].startswith("--config="):
+            config_files.append(args[i].split("=", 1)[1])
+        else:
+            rest.append(args[i])
+        i += 1
+    args = rest
+    if not config_files and (default := _default_path(default_config)) is not None:
+        config_files = [default]
+    cfg = load(cls, config_files, args)
+    print(f"# resolved {cls.__name__}" + (f" (from {', '.join(map(str, config_files))})" if config_files else ""))
     print(to_yaml(cfg), flush=True)
     return cfg
 
@@ -601,6 +641,11 @@ class AnnotateConfig:
     export_aurora: bool = True
     """Also write triplets as AURORA-format `aurora/train.json` + PNGs, which the trainers read."""
     storage: StorageConfig = field(default_factory=StorageConfig)
+    read_attempts: int = 3
+    """Reads of a video (or a staging file) before a transient failure (storage, network) is given up for this run,
+    with exponential backoff from `retry_backoff_s`; each read already has `storage.retries` S3 attempts. A video
+    still failing becomes a transient error row, which the next run retries; a staging file fails the run."""
+    retry_backoff_s: float = 1.0
     fail_once_in: str | None = None
     """Fault injection (tests, bench/): `idm` kills the IDM actor's process once, mid-run."""
 
@@ -652,10 +697,17 @@ class ServeConfig:
     storage: StorageConfig = field(default_factory=StorageConfig)
 
 
-def from_dict(cls: type[T], values: dict[str, Any] | None, source: str = "arguments") -> T:
-    """A typed config from a plain dict (Serve application `args`), with `load`'s checks and errors."""
+def from_dict(cls: type[T], values: dict[str, Any] | None, source: str = "arguments",
+              config_file: str | Path | None = None) -> T:
+    """A typed config from a plain dict (Serve application `args`), with `load`'s checks and errors, laid over
+    `config_file` (a YAML or a profile's section) when given."""
     cfg = OmegaConf.structured(cls)
     OmegaConf.set_struct(cfg, True)
+    if config_file is not None:
+        try:
+            cfg = OmegaConf.merge(cfg, read_layer(cls, config_file))
+        except OmegaConfBaseException as exc:
+            raise ConfigError(_format_error(exc, str(config_file))) from None
     try:
         return OmegaConf.to_object(OmegaConf.merge(cfg, OmegaConf.create(values or {})))  # type: ignore[return-value]
     except OmegaConfBaseException as exc:

@@ -24,7 +24,8 @@ from ray.autoscaler._private.util import prepare_config, validate_config
 from ray.serve.schema import ServeDeploySchema
 
 from cwm_ray import config as cwm_config
-from cwm_ray.config import AnnotateConfig, ServeConfig, TrainIDMConfig, TrainWorldModelConfig, from_dict, load
+from cwm_ray.config import AnnotateConfig, TrainIDMConfig, TrainWorldModelConfig, load
+from cwm_ray.serve.app import serve_config
 
 ROOT = Path(__file__).resolve().parent.parent
 AWS = ROOT / "cluster" / "aws.yaml"
@@ -238,19 +239,22 @@ def _job_entry(script: Path) -> tuple[type, str]:
     return getattr(cwm_config, cls_name), default
 
 
+def _split_configs(args: list[str]) -> tuple[list[Path], list[str]]:
+    """An entrypoint's `--config FILE` layers (in order) and its other arguments."""
+    files = [ROOT / a for flag, a in zip(args, args[1:], strict=False) if flag == "--config"]
+    rest = [a for i, a in enumerate(args) if a != "--config" and (i == 0 or args[i - 1] != "--config")]
+    return files, rest
+
+
 def test_rayjob_entrypoints_are_real_jobs_with_valid_configs():
     scripts = set()
     for path, doc in _ray_docs("RayJob"):
         script, args = _entrypoint_script(doc["spec"]["entrypoint"])
         assert script.exists(), f"{path.name}: no {script}"
         cls, default = _job_entry(script)
-        config_file = ROOT / default
-        if "--config" in args:
-            i = args.index("--config")
-            config_file = ROOT / args[i + 1]
-            args = args[:i] + args[i + 2:]
+        config_files, args = _split_configs(args)
         # The overrides in the manifest load through the job's typed config: a wrong key fails here.
-        load(cls, config_file, args)
+        load(cls, config_files or ROOT / default, args)
         scripts.add(script.relative_to(ROOT).as_posix())
     assert {"jobs/annotate.py", "jobs/train_world_model.py"} <= scripts
 
@@ -293,9 +297,9 @@ def test_gpu_serve_profile_differs_from_serve_yaml_only_where_documented():
 
     def strip(apps: list[dict[str, Any]]) -> list[dict[str, Any]]:
         apps = copy.deepcopy(apps)
-        for app in apps:
-            app["args"]["world_model"].pop("model")
-            app["args"]["idm"].pop("model")
+        for app in apps:  # the models come from configs/serve.yaml's toy paths or a model profile
+            for key in ("world_model", "idm", "profile"):
+                app["args"].pop(key, None)
             for deployment in app["deployments"]:
                 deployment.get("ray_actor_options", {}).pop("num_gpus", None)
                 deployment.get("ray_actor_options", {}).pop("num_cpus", None)
@@ -304,7 +308,8 @@ def test_gpu_serve_profile_differs_from_serve_yaml_only_where_documented():
         return apps
 
     assert strip(gpu_apps) == strip(reference)
-    from_dict(ServeConfig, gpu_apps[0]["args"])
+    cfg = serve_config(gpu_apps[0]["args"])
+    assert cfg.world_model.model != "toy" and cfg.idm.model.startswith("s3://")
     gpus = {d["name"]: d.get("ray_actor_options", {}).get("num_gpus", 0) for d in gpu_apps[0]["deployments"]}
     assert gpus["WorldModel"] > 0 and gpus["Verifier"] > 0
     gpu_infer = _aws()["available_node_types"]["gpu_infer"]
@@ -356,7 +361,7 @@ def test_annotation_profile_fits_the_inference_nodes():
     types = _aws()["available_node_types"]
     (path, doc), = [(p, d) for p, d in _ray_docs("RayJob") if "annotate.py" in d["spec"]["entrypoint"]]
     _, args = _entrypoint_script(doc["spec"]["entrypoint"])
-    profile = ROOT / args[args.index("--config") + 1]
+    profile = _split_configs(args)[0]
     cfg = load(AnnotateConfig, profile)
     gpu_infer = types["gpu_infer"]["resources"]
     _fits_annotation(cfg, gpu_infer["GPU"], gpu_infer["CPU"], types["gpu_infer"]["max_workers"])
@@ -375,12 +380,12 @@ def test_training_profiles_fit_the_training_nodes():
         _fits_training(load(_profile_class(path), path), aws_train, infer_cpus)
     (path, doc), = [(p, d) for p, d in _ray_docs("RayJob") if "train_world_model.py" in d["spec"]["entrypoint"]]
     _, args = _entrypoint_script(doc["spec"]["entrypoint"])
-    cfg = load(TrainWorldModelConfig, ROOT / args[args.index("--config") + 1])
+    cfg = load(TrainWorldModelConfig, _split_configs(args)[0])
     groups = [g for g in _cluster_spec(doc)["workerGroupSpecs"] if _gpus(g)]
     # KubeRay's single-GPU pods (RayCluster, RayService) must not fit a Train worker either.
     k8s_infer_cpus = max(_cpus(g) for _, d in _ray_docs() for g in _cluster_spec(d)["workerGroupSpecs"]
                          if _gpus(g) == 1)
     _fits_training(cfg, [(_gpus(g), _cpus(g), g["maxReplicas"]) for g in groups], k8s_infer_cpus)
     with pytest.raises(AssertionError):  # 24 workers do not fit 2 nodes of 8 GPUs
-        _fits_training(load(TrainWorldModelConfig, ROOT / args[args.index("--config") + 1],
+        _fits_training(load(TrainWorldModelConfig, _split_configs(args)[0],
                             ["scaling.num_workers=24"]), aws_train, infer_cpus)

@@ -3,9 +3,10 @@
     serve run configs/serve.yaml                 # local, in the foreground
     serve deploy configs/serve.yaml              # onto a running cluster (KubeRay: the same file's app)
 
-`args` is a `ServeConfig` (typed, unknown keys are errors). Replicas, autoscaling, `num_gpus` and batch
-sizes are Ray Serve's per-deployment settings in the same file, so a cluster operator tunes them
-without touching Python.
+`args` is a `ServeConfig` (typed, unknown keys are errors), optionally laid over a model profile's `serve`
+section: `serve run cwm_ray.serve.app:build_app profile=configs/real/qwen25vl7b_ip2p.yaml`. Replicas,
+autoscaling, `num_gpus` and batch sizes are Ray Serve's per-deployment settings in the same file, so a
+cluster operator tunes them without touching Python.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route signatures at runtime (a string
@@ -21,7 +22,7 @@ from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
 from cwm_ray import storage
-from cwm_ray.config import ConfigError, ServeConfig, from_dict, to_dict
+from cwm_ray.config import REPO_ROOT, ConfigError, ServeConfig, from_dict, to_dict
 from cwm_ray.serve.api import PredictRequest, RolloutRequest, Service, create_app, playground_html
 from cwm_ray.serve.deployments import VerifierDeployment, WorldModelDeployment
 
@@ -78,9 +79,19 @@ def _resolved(cfg: ServeConfig) -> ServeConfig:
     return cfg
 
 
+def serve_config(args: dict[str, Any] | None) -> ServeConfig:
+    """The application `args` as a typed ServeConfig; `profile: PATH` lays them over a model profile's `serve`
+    section (configs/real/), so the pair's models, sizes and sampling are written once for every stage."""
+    args = dict(args or {})
+    profile = args.pop("profile", None)
+    if profile is not None and not Path(profile).exists() and (REPO_ROOT / profile).exists():
+        profile = str(REPO_ROOT / profile)  # a path relative to the repository, wherever `serve` runs
+    return from_dict(ServeConfig, args, source="serve application args", config_file=profile)
+
+
 def build_app(args: dict[str, Any] | None = None) -> Application:
     """The application graph: Ingress → (WorldModel, Verifier). Called by `serve run` / `serve deploy`."""
-    cfg = _resolved(from_dict(ServeConfig, args, source="serve application args"))
+    cfg = _resolved(serve_config(args))
     largest = cfg.limits.max_best_of
     world_model = WorldModelDeployment.bind(to_dict(cfg.world_model), largest)
     verifier = VerifierDeployment.bind(to_dict(cfg.idm), largest)

@@ -9,6 +9,12 @@ leave a video half written. Each staged row carries `video_pairs` (how many pair
 a video counts as finished only when all of them are readable in staging, and finalize rebuilds the
 output directories from staging with each id exactly once. Re-running into the same output therefore
 skips finished videos and never duplicates an id, even after a crash halfway.
+
+Why two classes of error: a permanent one (undecodable, too short, not a video, missing) is a fact about the
+file, so its error row finishes the video; a transient one (storage or network still failing after
+`read_attempts` reads) is a fact about this run, so its row (`transient` true) is reported but finishes
+nothing, and the next run retries the video. A staging file is only set aside when it is proven incomplete
+(no Parquet footer: a write that never finished), and then renamed, never deleted.
 """
 
 from __future__ import annotations
@@ -23,7 +29,8 @@ import tarfile
 import time
 import uuid
 from collections import Counter
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -45,11 +52,16 @@ from cwm_ray.video import VideoError, choose_pairs, iter_frames
 STAGING_SCHEMA = pa.schema(
     PAIR_FIELDS
     + [pa.field("video_pairs", pa.int64()), pa.field("error_type", pa.string()), pa.field("message", pa.string()),
-       pa.field("stage", pa.string())]
+       pa.field("stage", pa.string()), pa.field("transient", pa.bool_())]
     + LABEL_FIELDS + WEIGHT_FIELDS
 )
 OUTPUT_COLUMNS = [f.name for f in PAIR_FIELDS + LABEL_FIELDS + WEIGHT_FIELDS]
+ERRORS_SCHEMA = ERROR_SCHEMA.append(pa.field("transient", pa.bool_()))
+"""errors/errors.parquet: a `transient` row's video is retried by the next run; the others are final."""
 TAR_SEP = "#"
+T = TypeVar("T")
+INCOMPLETE = ".incomplete"
+"""Suffix a proven-incomplete staging file is renamed with: kept for inspection, ignored by every later run."""
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -120,6 +132,30 @@ def list_videos(cfg: AnnotateConfig) -> list[dict[str, str]]:
     return [{"video_uri": u, "dataset": d} for u, d in sorted(rows.items())]
 
 
+def is_transient(exc: BaseException) -> bool:
+    """Storage and network failures (pyarrow's S3 errors and socket errors are OSErrors) may pass; a missing
+    file does not. Everything else a video raises here (VideoError, a malformed tar or file) is permanent."""
+    return isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError)
+
+
+def with_retries(fn: Callable[[], T], what: str, cfg: AnnotateConfig) -> T:
+    """`fn()`, called again with exponential backoff while it fails transiently, `cfg.read_attempts` times in all.
+
+    pyarrow's S3 retry strategy already retries each request (`storage.retries`) over a few seconds; this
+    outer layer re-reads the whole object, so an outage longer than that window still passes within the run.
+    """
+    for attempt in range(max(1, cfg.read_attempts)):
+        try:
+            return fn()
+        except Exception as exc:
+            if not is_transient(exc) or attempt + 1 >= max(1, cfg.read_attempts):
+                raise
+            delay = cfg.retry_backoff_s * 2**attempt
+            print(f"[annotate] {what}: {type(exc).__name__}: {str(exc)[:200]}; retrying in {delay:g} s", flush=True)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
 def read_video_bytes(video_uri: str, cfg: AnnotateConfig) -> bytes:
     if TAR_SEP in video_uri and video_uri.split(TAR_SEP, 1)[0].lower().endswith(".tar"):
         shard, member = video_uri.split(TAR_SEP, 1)
@@ -135,18 +171,22 @@ def read_video_bytes(video_uri: str, cfg: AnnotateConfig) -> bytes:
 
 
 def extract_pairs(batch: pa.Table, cfg: AnnotateConfig) -> pa.Table:
-    """CPU stage: each video → its chosen pairs, or one error row. Never raises for a bad video."""
+    """CPU stage: each video → its chosen pairs, or one error row (permanent, or `transient`: retried next run).
+
+    Never raises for a bad video or a read that keeps failing; anything else (a bug) fails the task, which Ray
+    Data retries and then reports, rather than being written down as a property of the video.
+    """
     rows: list[dict[str, Any]] = []  # columns a row leaves out (labels, weights, ...) are null
     for video_uri, dataset in zip(batch.column("video_uri").to_pylist(), batch.column("dataset").to_pylist(),
                                   strict=True):
         try:
-            data = read_video_bytes(video_uri, cfg)
+            data = with_retries(lambda uri=video_uri: read_video_bytes(uri, cfg), f"reading {video_uri}", cfg)
             pairs, _ = choose_pairs(iter_frames(data, cfg.frames), cfg.frames)
             if not pairs:
                 raise VideoError("NoMotion", "no frame pair has enough motion (frames.min_motion)")
-        except (VideoError, OSError, ValueError) as exc:
+        except (VideoError, OSError, ValueError, tarfile.TarError) as exc:
             rows.append({"id": hashlib.sha1(f"{video_uri}#error".encode()).hexdigest()[:20], "dataset": dataset,
-                         "video_uri": video_uri, "video_pairs": 0, "stage": "decode",
+                         "video_uri": video_uri, "video_pairs": 0, "stage": "decode", "transient": is_transient(exc),
                          "error_type": getattr(exc, "kind", type(exc).__name__), "message": str(exc)[:2000]})
             continue
         fmt = cfg.frames.image_format
@@ -275,24 +315,53 @@ def _staging(cfg: AnnotateConfig) -> str:
     return storage.join(cfg.output, "staging")
 
 
+def _has_footer(uri: str, cfg: AnnotateConfig) -> bool:
+    """Does the file end in a Parquet footer? A writer killed mid-file leaves none (the footer goes last)."""
+    fs, path = storage.filesystem(uri, cfg.storage)
+    with fs.open_input_file(path) as f:
+        size = f.size()
+        return size >= 12 and f.read_at(4, size - 4) == b"PAR1"
+
+
+def _read_staging_file(uri: str, columns: list[str], cfg: AnnotateConfig) -> pa.Table:
+    """The columns of one staging file; a column an older version did not write comes back null."""
+    fs, path = storage.filesystem(uri, cfg.storage)
+    with fs.open_input_file(path) as f:
+        pf = pq.ParquetFile(f)
+        present = [c for c in columns if c in pf.schema_arrow.names]
+        t = pf.read(columns=present)
+    for c in columns:
+        if c not in present:
+            t = t.append_column(STAGING_SCHEMA.field(c), pa.nulls(len(t), STAGING_SCHEMA.field(c).type))
+    return t.select(columns)
+
+
 def read_staging(cfg: AnnotateConfig, columns: list[str]) -> tuple[pa.Table, list[str]]:
     """Readable staging rows (selected columns + `_file`) and the files they came from.
 
-    A file a killed run left half-written is unreadable: it is removed, and its videos are redone.
+    A file a killed run left half-written has no footer: it is renamed aside (`*.parquet.incomplete`, which no
+    run reads) and its videos are redone. Any other failure to read a file (a storage error that outlasts
+    the retries, a corrupt file with its footer) raises: dropping a good file would shrink the output.
     """
     staging = _staging(cfg)
     if not storage.exists(staging, cfg.storage):
         return pa.table({c: pa.array([], STAGING_SCHEMA.field(c).type) for c in columns} | {"_file": []}), []
-    fs, _ = storage.filesystem(staging, cfg.storage)
     tables, good = [], []
     for uri in storage.list_files(staging, (".parquet",), cfg.storage):
-        path = storage.filesystem(uri, cfg.storage)[1]
         try:
-            t = pq.read_table(path, filesystem=fs, columns=columns)
-        except (OSError, pa.ArrowInvalid) as exc:
-            print(f"[annotate] dropping unreadable staging file {uri}: {exc}", flush=True)
-            storage.delete(uri, cfg.storage)
+            t = with_retries(lambda uri=uri: _read_staging_file(uri, columns, cfg), f"reading {uri}", cfg)
+        except pa.ArrowInvalid as exc:
+            if with_retries(lambda uri=uri: _has_footer(uri, cfg), f"reading {uri}", cfg):
+                raise RuntimeError(f"staging file {uri} has its Parquet footer but cannot be read ({exc}); it was "
+                                   "written completely, so it is not dropped: inspect it, or move it aside and "
+                                   "re-run to redo its videos") from exc
+            print(f"[annotate] staging file {uri} is incomplete (no Parquet footer: a write that never finished); "
+                  f"renamed to {uri}{INCOMPLETE}, its videos are redone", flush=True)
+            storage.move(uri, uri + INCOMPLETE, cfg.storage)
             continue
+        except OSError as exc:
+            raise OSError(f"staging file {uri} could not be read ({exc}); it is kept, and nothing was written: "
+                          "re-run when the storage answers again") from exc
         tables.append(t.append_column("_file", pa.array([uri] * len(t), pa.string())))
         good.append(uri)
     if not tables:
@@ -301,15 +370,19 @@ def read_staging(cfg: AnnotateConfig, columns: list[str]) -> tuple[pa.Table, lis
 
 
 def finished_videos(index: pa.Table) -> set[str]:
-    """Videos whose every pair (or whose error row) is readable in staging."""
+    """Videos whose every pair (or whose permanent error row) is readable in staging.
+
+    A transient error row finishes nothing: the next run retries its video.
+    """
     if index.num_rows == 0:
         return set()
     seen: dict[str, set[str]] = {}
     expected: dict[str, int] = {}
-    columns = (index.column(c).to_pylist() for c in ("video_uri", "id", "video_pairs", "error_type"))
-    for vid, rid, n, err in zip(*columns, strict=True):
+    columns = (index.column(c).to_pylist() for c in ("video_uri", "id", "video_pairs", "error_type", "transient"))
+    for vid, rid, n, err, transient in zip(*columns, strict=True):
         if err is not None:
-            expected[vid], seen[vid] = 0, {rid}
+            if not transient:
+                expected[vid], seen[vid] = 0, {rid}
             continue
         seen.setdefault(vid, set()).add(rid)
         expected[vid] = int(n)
@@ -318,7 +391,7 @@ def finished_videos(index: pa.Table) -> set[str]:
 
 # ---------------------------------------------------------------------------------------------- finalize
 
-INDEX_COLUMNS = ["id", "video_uri", "dataset", "video_pairs", "error_type", "stage", "message",
+INDEX_COLUMNS = ["id", "video_uri", "dataset", "video_pairs", "error_type", "stage", "message", "transient",
                  "action", "action_class", "logprob", "num_tokens"]
 
 
@@ -331,30 +404,39 @@ def _write_table(table: pa.Table, uri: str, cfg: AnnotateConfig) -> None:
 def finalize(cfg: AnnotateConfig, index: pa.Table, files: list[str]) -> dict[str, Any]:
     """Rebuild pairs/, triplets/, errors/, the AURORA export and summary.json from staging."""
     done = finished_videos(index)
+    transient = pc.fill_null(index.column("transient"), False).to_pylist()
+    ids, row_files, vids = (index.column(c).to_pylist() for c in ("id", "_file", "video_uri"))
+    # A finished video's rows, without the transient error rows of earlier runs that failed to read it; an
+    # unfinished video's transient error row, so the failure is reported (it is retried, not forgotten).
+    wanted = [(vid in done) != t for vid, t in zip(vids, transient, strict=True)]
     # One row per id (duplicates only come from a video redone after a crash; they are identical).
     first: dict[str, str] = {}
-    for rid, f, vid in zip(*(index.column(c).to_pylist() for c in ("id", "_file", "video_uri")), strict=True):
-        if vid in done:
+    for rid, f, w in zip(ids, row_files, wanted, strict=True):
+        if w:
             first.setdefault(rid, f)
     is_err = pc.invert(pc.is_null(index.column("error_type"))).to_pylist()
-    keep_rows = [i for i, (rid, f) in enumerate(zip(index.column("id").to_pylist(), index.column("_file").to_pylist(),
-                                                    strict=True)) if first.get(rid) == f]
+    keep_rows = [i for i, (rid, f, w) in enumerate(zip(ids, row_files, wanted, strict=True))
+                 if w and first[rid] == f]
     unique = index.take(pa.array(keep_rows, pa.int64()))
     is_err = [is_err[i] for i in keep_rows]
     pairs_idx = unique.filter(pa.array([not e for e in is_err]))
-    errors = unique.filter(pa.array(is_err)).select(["video_uri", "stage", "error_type", "message"])
+    all_errors = unique.filter(pa.array(is_err)).select(["video_uri", "stage", "error_type", "message", "transient"])
+    all_errors = all_errors.set_column(4, "transient", pc.fill_null(all_errors.column("transient"), False))
+    errors = all_errors.filter(pc.invert(all_errors.column("transient")))
+    retry = all_errors.filter(all_errors.column("transient"))
     kept = select(pairs_idx.select(["id", "dataset", "action_class", "logprob", "num_tokens"]).to_pylist(),
                   cfg.filter)
 
     errors_dir = storage.join(cfg.output, "errors")
     storage.delete(errors_dir, cfg.storage)
-    _write_table(errors.cast(ERROR_SCHEMA), storage.join(errors_dir, "errors.parquet"), cfg)
+    _write_table(all_errors.cast(ERRORS_SCHEMA), storage.join(errors_dir, "errors.parquet"), cfg)
 
     pair_keys = {(rid, first[rid]) for rid in pairs_idx.column("id").to_pylist()}
     fs, _ = storage.filesystem(cfg.output, cfg.storage)
     paths = [storage.filesystem(f, cfg.storage)[1] for f in files]
     if paths and pair_keys:
-        staged = ray.data.read_parquet(paths, filesystem=fs, include_paths=True, schema=STAGING_SCHEMA)
+        staged = ray.data.read_parquet(paths, filesystem=fs, include_paths=True, columns=OUTPUT_COLUMNS,
+                                       schema=pa.schema([STAGING_SCHEMA.field(c) for c in OUTPUT_COLUMNS]))
         prefix = "s3://" if storage.is_s3(cfg.output) else ""
 
         def unique_rows(t: pa.Table) -> pa.Table:
@@ -380,6 +462,8 @@ def finalize(cfg: AnnotateConfig, index: pa.Table, files: list[str]) -> dict[str
             c["classes"][row["action_class"]] += 1
     return {"videos_done": len(done), "pairs": pairs_idx.num_rows, "triplets": len(kept),
             "errors": errors.num_rows, "error_types": dict(Counter(errors.column("error_type").to_pylist())),
+            "transient_errors": retry.num_rows,
+            "transient_error_types": dict(Counter(retry.column("error_type").to_pylist())),
             "corpora": {k: v | {"classes": dict(v["classes"])} for k, v in sorted(per_corpus.items())}}
 
 
@@ -477,6 +561,9 @@ def print_summary(summary: dict[str, Any]) -> None:
     print(f"\n[annotate] {summary['videos']} videos ({summary['videos_skipped']} skipped as done), "
           f"{summary['pairs']} pairs, {summary['triplets']} triplets kept, {summary['errors']} errors "
           f"{summary['error_types'] or ''}; {summary['pairs_per_s']} pairs/s")
+    if summary["transient_errors"]:
+        print(f"[annotate] {summary['transient_errors']} videos failed transiently {summary['transient_error_types']}"
+              " and are not finished: re-run into the same output to retry them (errors/errors.parquet, transient)")
     print(f"{'corpus':<16} {'class':<28} {'kept':>6}")
     for name, c in summary["corpora"].items():
         for cls, n in sorted(c["classes"].items(), key=lambda kv: -kv[1]):

@@ -232,3 +232,9 @@ def with_local_paths(model_cfg: T) -> T:
     """A model config (`model`, `adapter`) with both passed through `resolve_local`, for sending to workers."""
     return dataclasses.replace(model_cfg, model=resolve_local(model_cfg.model),
                                adapter=resolve_local(model_cfg.adapter))
+
+
+def move(src: str, dst: str, cfg: StorageConfig | None = None) -> None:
+    """Rename a file (on S3, pyarrow copies then deletes: the source is gone only once the copy exists)."""
+    fs, src_path = filesystem(src, cfg)
+    fs.move(src_path, filesystem(dst, cfg)[1])

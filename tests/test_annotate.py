@@ -223,8 +223,10 @@ def test_a_half_written_staging_file_is_dropped_and_its_videos_redone(first_run:
     victim = sorted((copy / "staging").glob("*.parquet"))[0]
     lost = pq.read_table(victim, columns=["video_uri"]).column("video_uri").to_pylist()
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    victim_size = victim.stat().st_size
     again = annotate(load(AnnotateConfig, None, _args(assets, str(copy))))
-    assert not victim.exists()  # dropped, not read as empty or left to fail the next run
+    assert not victim.exists()  # set aside, not read as empty or left to fail the next run ...
+    assert victim.with_name(victim.name + ".incomplete").stat().st_size == victim_size  # ... and never deleted
     assert again["videos_skipped"] == again["videos"] - len(set(lost))  # only its videos are redone
     assert sorted(p["id"] for p in _table(copy / "pairs")) == sorted(p["id"] for p in _table(out / "pairs"))
     assert again["pairs"] == summary["pairs"] and again["errors"] == summary["errors"]
@@ -253,3 +255,51 @@ def test_resume_after_the_job_process_is_killed_halfway(first_run: tuple[dict, P
     again = annotate(load(AnnotateConfig, None, cfg_args))
     assert sorted(p["id"] for p in _table(killed / "pairs")) == sorted(p["id"] for p in _table(out / "pairs"))
     assert again["pairs"] == summary["pairs"] and again["errors"] == summary["errors"]
+
+
+@pytest.mark.fault
+def test_a_transient_read_failure_is_retried_never_dropped(ray_local: None, assets: dict[str, Path],
+                                                           moto_server: str, tmp_path: Path) -> None:
+    """S3 reads of one video fail past every retry of a run (503 SlowDown from a proxy in front of moto), and
+    another's fail in a short burst. Before, both became error rows that counted as finished: the corrected
+    re-run skipped them and their pairs were lost for good."""
+    import boto3
+    import pyarrow as pa
+    from test_storage_faults import FaultProxy
+
+    from cwm_ray.annotate import extract_pairs
+    from cwm_ray.config import StorageConfig
+
+    boto3.client("s3", endpoint_url=moto_server).create_bucket(Bucket="transient-reads")
+    videos = sorted((assets["corpus"] / "videos").glob("*.mp4"))[:3]
+    for v in videos:
+        storage.write_bytes(f"s3://transient-reads/videos/{v.name}", v.read_bytes(),
+                            StorageConfig(endpoint_url=moto_server))
+    uris = [f"s3://transient-reads/videos/{v.name}" for v in videos]
+    # Every good video's pair ids, straight from the decode stage over a healthy connection.
+    clean = extract_pairs(pa.table({"video_uri": uris, "dataset": ["s3"] * 3}),
+                          _cfg(assets, "unused", None, f"storage.endpoint_url={moto_server}"))
+    expected = sorted(r["id"] for r in clean.to_pylist() if r["error_type"] is None)
+    assert {r["video_uri"] for r in clean.to_pylist()} == set(uris) and expected
+
+    proxy = FaultProxy(moto_server)
+    out = tmp_path / "out"
+    args = (f"storage.endpoint_url={proxy.url}", "storage.retries=1", "read_attempts=3", "retry_backoff_s=0.05")
+    try:
+        proxy.fail_gets = {videos[0].name: 10_000, videos[1].name: 2}  # a lasting failure; a burst retried
+        first = annotate(_cfg(assets, str(out), "[{name: s3, uri: s3://transient-reads/videos}]", *args))
+        assert proxy.fail_gets[videos[1].name] == 0 and proxy.injected >= 5
+        assert first["transient_errors"] == 1 and first["errors"] == 0
+        assert first["transient_error_types"] == {"OSError": 1}
+        errors = _table(out / "errors" / "errors.parquet")
+        assert [(Path(e["video_uri"]).name, e["transient"]) for e in errors] == [(videos[0].name, True)]
+        assert {p["video_uri"] for p in _table(out / "pairs")} == set(uris[1:])
+
+        proxy.fail_gets = {}  # the storage recovered: the re-run retries the transient failure, and only it
+        again = annotate(_cfg(assets, str(out), "[{name: s3, uri: s3://transient-reads/videos}]", *args))
+    finally:
+        proxy.close()
+        storage.configure(StorageConfig())
+    assert again["videos_skipped"] == 2 and again["transient_errors"] == again["errors"] == 0
+    assert _table(out / "errors" / "errors.parquet") == []
+    assert sorted(p["id"] for p in _table(out / "pairs")) == expected  # every good video's pairs, exactly once

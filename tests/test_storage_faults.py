@@ -23,13 +23,15 @@ pytestmark = pytest.mark.fault
 
 
 class FaultProxy:
-    """Forwards S3 requests to moto; answers 503 SlowDown to the next `fail_next` requests (or to every
-    request whose method is in `fail_methods`), counting what it injected."""
+    """Forwards S3 requests to moto; answers 503 SlowDown to the next `fail_next` requests, to every request
+    whose method is in `fail_methods`, and to the next `fail_gets[s]` GETs of a key containing `s`, counting
+    what it injected."""
 
     def __init__(self, upstream: str) -> None:
         self.upstream = urlparse(upstream)
         self.fail_next = 0
         self.fail_methods: set[str] = set()
+        self.fail_gets: dict[str, int] = {}
         self.injected = 0
         self.forwarded = 0
         self.lock = threading.Lock()
@@ -58,6 +60,10 @@ class FaultProxy:
                     fail = proxy.fail_next > 0 or self.command in proxy.fail_methods
                     if proxy.fail_next > 0:
                         proxy.fail_next -= 1
+                    burst = next((k for k, n in proxy.fail_gets.items() if n > 0 and k in self.path), None)
+                    if self.command == "GET" and burst is not None:
+                        proxy.fail_gets[burst] -= 1
+                        fail = True
                     proxy.injected += fail
                     proxy.forwarded += not fail
                 if fail:
@@ -154,3 +160,53 @@ def test_an_interrupted_model_download_is_never_marked_complete(proxy: FaultProx
     assert (local / ".complete").exists()
     assert sorted(p.name for p in local.glob("*.safetensors")) == [f"part{i}.safetensors" for i in range(4)]
     assert (local / "part3.safetensors").read_bytes() == bytes([3]) * 50_000
+
+
+def _staging_file(uri: str, video: str, pairs: int) -> None:
+    """A complete staging file: `pairs` rows of one video, as the annotation pipeline writes them."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from cwm_ray.annotate import STAGING_SCHEMA
+
+    rows = [{"id": f"{video}-{i}", "video_uri": video, "dataset": "d", "video_pairs": pairs} for i in range(pairs)]
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows, schema=STAGING_SCHEMA), buf)
+    storage.write_bytes(uri, buf.getvalue())
+
+
+def test_a_staging_file_is_never_dropped_on_a_read_error_only_set_aside_when_incomplete(
+        proxy: FaultProxy, bucket: str, moto_server: str) -> None:
+    """Before, any OSError deleted the file: a 503 burst on a good staging file shrank the output for good."""
+    from cwm_ray.annotate import INDEX_COLUMNS, read_staging
+    from cwm_ray.config import AnnotateConfig
+
+    storage.configure(StorageConfig(endpoint_url=moto_server))
+    out = f"s3://{bucket}/annotated"
+    _staging_file(f"{out}/staging/a.parquet", "a.mp4", 2)
+    _staging_file(f"{out}/staging/b.parquet", "b.mp4", 3)
+    cfg = AnnotateConfig(output=out, storage=StorageConfig(endpoint_url=proxy.url, retries=1), read_attempts=3,
+                         retry_backoff_s=0.01)
+    storage.configure(cfg.storage)
+
+    proxy.fail_gets = {"b.parquet": 2}  # a burst the retries outlast: read, nothing lost
+    index, files = read_staging(cfg, INDEX_COLUMNS)
+    assert proxy.injected == 2 and index.num_rows == 5 and len(files) == 2
+
+    proxy.fail_gets = {"b.parquet": 1000}  # a lasting failure: a loud error, and the file is kept
+    with pytest.raises(OSError, match=r"staging/b\.parquet could not be read.*kept"):
+        read_staging(cfg, INDEX_COLUMNS)
+    proxy.fail_gets = {}
+    assert storage.exists(f"{out}/staging/b.parquet")
+    assert read_staging(cfg, INDEX_COLUMNS)[0].num_rows == 5
+
+    # Proven incomplete (no footer: a write that never finished): renamed aside with its bytes, never deleted.
+    data = storage.read_bytes(f"{out}/staging/b.parquet")
+    storage.write_bytes(f"{out}/staging/b.parquet", data[: len(data) // 2])
+    index, files = read_staging(cfg, INDEX_COLUMNS)
+    assert index.num_rows == 2 and files == [f"{out}/staging/a.parquet"]
+    assert not storage.exists(f"{out}/staging/b.parquet")
+    assert storage.read_bytes(f"{out}/staging/b.parquet.incomplete") == data[: len(data) // 2]
+    assert read_staging(cfg, INDEX_COLUMNS)[0].num_rows == 2  # and the next run ignores it

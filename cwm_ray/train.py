@@ -5,10 +5,12 @@ One loop serves both models: each model class gives `collate` (Ray Data numpy ba
 model loads back by path). The loop reads as named steps: build → restore → for each batch:
 forward, backward, step → log / validate / checkpoint. Distribution lives here, never in the models.
 
-Checkpoints hold `model/` (safetensors, loadable by path), DeepSpeed's engine state (optimizer, LR
-schedule) and `state.json` with the step; every worker reports into the same checkpoint directory,
-as Ray Train merges them. A restarted worker group or a re-run with the same name resumes from the
-latest checkpoint and finishes at exactly `optim.max_steps`.
+Checkpoints hold `model/` (safetensors, loadable by path), the engine's state (DeepSpeed's: weights,
+optimizer, LR schedule; or, for DDP, `ddp_state.pt` with the same three), each rank's RNG states and
+`state.json` with the step and the position in the epoch; every worker reports into the same checkpoint
+directory, as Ray Train merges them. A restarted worker group or a re-run with the same name resumes from
+the latest checkpoint and finishes at exactly `optim.max_steps`, with the weights an uninterrupted run
+would have had (same data order, same random draws; `test_train.py::test_ddp_resume_*`).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import numpy as np
 import ray
 import ray.train
 import torch
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from transformers import get_scheduler
 
@@ -41,6 +43,8 @@ STATE_FILE = "state.json"
 MODEL_DIR = "model"
 MANIFEST = "manifest.rank{rank}.json"
 ENGINE_TAG = "engine"
+DDP_STATE = "ddp_state.pt"
+RNG_STATE = "rng.rank{rank}.pt"
 
 
 def build_model(cfg: TrainConfig) -> Any:
@@ -107,18 +111,45 @@ class _Engine:
         if self.deepspeed:
             self.module.save_checkpoint(directory, tag=ENGINE_TAG)  # a collective: every rank calls it
         elif ray.train.get_context().get_world_rank() == 0:
-            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
-                       os.path.join(directory, "optimizer.pt"))
+            # DDP keeps every rank's replica identical, so rank 0's copy is the state. The training module's own
+            # state dict (not `model/`, which is the export format: merged or adapter-only) loads back exactly.
+            torch.save({"model": _unwrap(self.module).state_dict(), "optimizer": self.optimizer.state_dict(),
+                        "scheduler": self.scheduler.state_dict()}, os.path.join(directory, DDP_STATE))
 
     def load(self, directory: str) -> None:
+        """Weights, optimizer and schedule, as `save` wrote them (DeepSpeed's `load_checkpoint` does all three)."""
         if self.deepspeed:
             path, _ = self.module.load_checkpoint(directory, tag=ENGINE_TAG)
             if path is None:
                 raise RuntimeError(f"checkpoint {directory} has no DeepSpeed engine state")
             return
-        state = torch.load(os.path.join(directory, "optimizer.pt"), weights_only=True)
+        file = os.path.join(directory, DDP_STATE)
+        if not os.path.exists(file):
+            raise RuntimeError(f"checkpoint {directory} has no {DDP_STATE} (it was not written by DDP, or by a version "
+                               "that did not save the weights): resume it with the engine that wrote it, or start "
+                               "a new run with train.name=<new name>")
+        state = torch.load(file, weights_only=True)
+        _unwrap(self.module).load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+
+
+def _rng_state() -> dict[str, Any]:
+    """This process's random states (Python, NumPy, torch CPU and CUDA): dropout, noise and timestep draws."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": random.getstate(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                   cached],
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 SCHEDULES = {"cosine": "cosine", "constant": "constant_with_warmup"}
@@ -212,6 +243,7 @@ def _checkpoint(engine: _Engine, model: Any, state: dict[str, Any], metrics: dic
     rank = ctx.get_world_rank()
     with tempfile.TemporaryDirectory() as tmp:
         engine.save(tmp)
+        torch.save(_rng_state(), os.path.join(tmp, RNG_STATE.format(rank=rank)))
         if rank == 0:
             model.save(os.path.join(tmp, MODEL_DIR))
             Path(tmp, STATE_FILE).write_text(json.dumps(state | {"world_size": ctx.get_world_size()}, default=str))
@@ -301,6 +333,9 @@ def train_func(config: dict[str, Any]) -> None:
             state = verify_checkpoint(d)
             check_resumable(state, world, cfg)
             engine.load(d)
+            rng = Path(d, RNG_STATE.format(rank=rank))
+            if rng.exists():  # absent when resuming on more workers than wrote it: those ranks keep their seed
+                _set_rng_state(torch.load(rng, weights_only=True))
         state["resumed_from"].append(state["step"])
         if rank == 0:
             print(f"[train] resumed from checkpoint at step {state['step']}", flush=True)
@@ -309,15 +344,21 @@ def train_func(config: dict[str, Any]) -> None:
     # loop
     shard = ray.train.get_dataset_shard("train")
     t_last, samples_since, loss_sum, loss_n = time.perf_counter(), 0, 0.0, 0
-    epoch = 0
+    # Where the checkpoint was in its epoch: the resumed run replays that epoch's order (same shuffle seed,
+    # `preserve_order` ingest) and skips the batches it had already trained on. Ray Data's iterators keep no
+    # position, so the skipped batches are read again, once.
+    epoch, skip = state.get("epoch", 1) - 1, state.get("epoch_batches", 0)
     while step < cfg.optim.max_steps:
         epoch += 1
         batches = shard.iter_batches(batch_size=cfg.optim.batch_size, batch_format="numpy", drop_last=True,
                                      local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
-                                     local_shuffle_seed=cfg.optim.seed + 1000 * epoch + step)
-        got_batch = False
+                                     local_shuffle_seed=cfg.optim.seed + 1000 * epoch)
+        got_batch, epoch_batches = False, 0
         for batch in batches:
-            got_batch = True
+            got_batch, epoch_batches = True, epoch_batches + 1
+            if skip > 0:
+                skip -= 1
+                continue
             if cfg.train.fail_at_step is not None and step == cfg.train.fail_at_step and rank == 0 \
                     and checkpoint is None:
                 print(f"[train] fault injection: worker dies at step {step}", flush=True)
@@ -345,7 +386,7 @@ def train_func(config: dict[str, Any]) -> None:
                     shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
                     print(f"[train] {shown}", flush=True)
                 if _every(step, cfg.train.checkpoint_every) or last:
-                    state["step"] = step
+                    state |= {"step": step, "epoch": epoch, "epoch_batches": epoch_batches}
                     _checkpoint(engine, model, state, metrics)
                 else:
                     ray.train.report(metrics)
@@ -413,6 +454,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     resources = {"CPU": cfg.scaling.cpus_per_worker}
     if cfg.scaling.use_gpu:
         resources["GPU"] = cfg.scaling.gpus_per_worker
+    # The training set in the same order on every run, so a resume replays exactly the batches an uninterrupted
+    # run would have seen (Ray Data otherwise yields blocks as tasks finish); validation order does not matter.
+    ingest = DataConfig.default_ingest_options()
+    ingest.preserve_order = True
     trainer = TorchTrainer(
         train_func,
         train_loop_config={"cfg": cfg, "build_model": build_model},
@@ -420,6 +465,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                                      resources_per_worker=resources),
         run_config=_run_config(cfg),
         datasets=datasets,
+        dataset_config=DataConfig(execution_options={"train": ingest}),
     )
     t0 = time.perf_counter()
     result = trainer.fit()

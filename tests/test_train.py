@@ -267,3 +267,36 @@ def test_a_corrupt_or_partial_checkpoint_is_detected_not_loaded(ray_local: None,
     weights.write_bytes(weights.read_bytes()[:-100])
     with pytest.raises(Exception, match="is corrupt"):
         train(load(TrainWorldModelConfig, None, [*args, "optim.max_steps=8"]))
+
+
+@pytest.mark.fault
+def test_ddp_resume_after_a_worker_dies_ends_with_the_uninterrupted_weights(ray_local: None, gold: str,
+                                                                            tmp_path: Path) -> None:
+    """`deepspeed.enabled=false`: a worker killed mid-epoch, then resumed, ends with the weights of a run that
+    never stopped. Before, DDP restored the optimizer and schedule but not the model, so a resume trained on
+    from the initial weights (and replayed other batches, under other random draws)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from cwm_ray.train import train
+    from cwm_ray.world_model import build_toy_world_model
+
+    model_dir = tmp_path / "tiny_wm"
+    build_toy_world_model(str(model_dir), resolution=16, block_out_channels=(8, 16), patch_size=1,
+                          text_hidden_size=16)
+    # 77 training rows over 2 workers: 4 batches of 8 per worker and epoch; the checkpoint at step 3 is mid-epoch.
+    args = [f"world_model.model={model_dir}", "world_model.resolution=16", "deepspeed.enabled=false",
+            "optim.max_steps=6", "train.checkpoint_every=3", "train.eval_every=3", "optim.lr=5e-3",
+            *_common(tmp_path, gold, str(tmp_path / "runs")), "train.log_every=1"]
+    plain = train(load(TrainWorldModelConfig, None, [*args, "train.name=plain", f"train.export={tmp_path / 'a'}"]))
+    killed = train(load(TrainWorldModelConfig, None, [*args, "train.name=killed", "train.fail_at_step=5",
+                                                      f"train.export={tmp_path / 'b'}"]))
+    assert plain["steps"] == killed["steps"] == 6 and killed["resumed_from"] == [3] and plain["resumed_from"] == []
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.safetensors"))
+    assert files
+    for name in files:
+        a, b = load_file(tmp_path / "a" / name), load_file(tmp_path / "b" / name)
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=f"{name}:{k}")
+    assert [m["loss"] for m in killed["history"]] == pytest.approx([m["loss"] for m in plain["history"]], rel=1e-5)

@@ -17,22 +17,64 @@ from cwm_ray.config import FilterConfig
 _WORD = re.compile(r"[a-z]+(?:'[a-z]+)?")
 
 
+_DETERMINERS = frozenset("the a an this that these those his her their my your its our some".split())
+_SUBJECTS = frozenset("he she they it i we you someone somebody something person people".split())
+_AUXILIARIES = frozenset("is are was were be being been am has have had does do did will would can could "
+                         "then now just".split())
+
+
+def _verb_start(words: list[str], keep: set[str]) -> int:
+    """Where the verb is: 0 for an imperative ("open the door"), past the subject of a caption.
+
+    Real captions often describe rather than instruct ("the man opens the door", "a person is picking up a
+    cup"), and their first word is then an article or a pronoun, which would make one class of every action.
+    A caption's subject is an article and a short noun phrase, or a pronoun, with auxiliaries after it; its
+    verb is the first later word followed by an article, a kept particle or nothing (no tagger needed: within
+    three words of the article, the word before "the door" / "up" is the verb).
+    """
+    i = 0
+    if words[0] in _SUBJECTS:
+        i = 1
+    elif words[0] in _DETERMINERS:
+        i = len(words) - 1
+        for j in range(2, min(len(words), 5)):
+            if j + 1 == len(words) or words[j + 1] in _DETERMINERS or words[j + 1] in keep:
+                i = j
+                break
+    while i + 1 < len(words) and words[i] in _AUXILIARIES:
+        i += 1
+    return min(i, len(words) - 1)
+
+
+def _base_form(verb: str) -> str:
+    """A third-person verb to its base ("opens" → "open", "pushes" → "push"), so captions and instructions of
+    one action share a class; other forms are kept as written."""
+    if len(verb) > 4 and verb.endswith(("shes", "ches", "xes", "sses", "zes")):
+        return verb[:-2]
+    if len(verb) > 3 and verb.endswith("s") and not verb.endswith(("ss", "us", "is")):
+        return verb[:-1]
+    return verb
+
+
 def action_class(action: str, cfg: FilterConfig) -> str:
     """The class an action is balanced under: its verb phrase with the object words removed.
 
     "move the red circle left" → "move left"; "put the red circle above the blue square" → "put above";
-    "make the green triangle yellow" → "make"; "pick up the cup" → "pick up".
+    "make the green triangle yellow" → "make"; "pick up the cup" → "pick up"; a caption's subject goes first:
+    "the man opens the door" → "open", "a person is picking up a cup" → "picking up".
     """
     words = _WORD.findall(action.lower())
     if not words:
         return ""
     if cfg.class_rule == "full":
         return " ".join(words)
+    keep = set(cfg.keep_words)
+    start = _verb_start(words, keep)
+    verb = words[start] if start == 0 else _base_form(words[start])
     if cfg.class_rule == "first_word":
-        return words[0]
+        return verb
     if cfg.class_rule == "verb_phrase":
-        keep = set(cfg.keep_words)
-        return " ".join([words[0], *(w for w in words[1:] if w in keep)])
+        return " ".join([verb, *(w for w in words[start + 1 :] if w in keep)])
     raise ValueError(f"unknown filter.class_rule {cfg.class_rule!r}; use verb_phrase, first_word or full")
 
 

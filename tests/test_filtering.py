@@ -57,3 +57,20 @@ def test_budget_is_per_corpus_and_mean_scoring() -> None:
     short = {"id": "short", "dataset": "d", "action_class": "c", "logprob": -3.0, "num_tokens": 2}
     assert select([long_but_likely, short], FilterConfig(budget=1, score="sum")) == {"short"}
     assert select([long_but_likely, short], FilterConfig(budget=1, score="mean")) == {"long"}
+
+
+@pytest.mark.parametrize(("action", "cls"), [
+    ("the man opens the door", "open"),
+    ("a person is picking up a cup", "picking up"),
+    ("the cup falls off the table", "fall off"),
+    ("he pushes the box to the left", "push to left"),
+    ("someone closes the drawer", "close"),
+    ("the woman in red puts the book on the shelf", "put on"),
+    ("open the drawer", "open"),
+    ("move the red circle left", "move left"),
+])
+def test_real_captions_are_classed_by_their_verb_not_their_subject(action: str, cls: str) -> None:
+    """Captions describe ("the man opens the door"): their first word is an article, which once made a class
+    called `the` of every such action, and the stratified filter then kept one class."""
+    assert action_class(action, FilterConfig()) == cls
+    assert action_class(action, FilterConfig(class_rule="first_word")) == cls.split()[0]

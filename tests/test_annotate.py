@@ -23,7 +23,7 @@ import pytest
 import ray
 
 from cwm_ray import storage
-from cwm_ray.annotate import annotate, list_videos
+from cwm_ray.annotate import INDEX_COLUMNS, annotate, finished_videos, list_videos, read_staging
 from cwm_ray.config import AnnotateConfig, ToyCorpusConfig, ToyWorldConfig, load
 from cwm_ray.data import read_aurora
 from cwm_ray.idm import build_toy_idm
@@ -252,7 +252,10 @@ def test_resume_after_the_job_process_is_killed_halfway(first_run: tuple[dict, P
     # is being written (it did in CI): such a file is unreadable here, and the resumed run must drop it.
     files = list((killed / "staging").glob("*.parquet"))
     assert files and not (killed / "summary.json").exists()
-    again = annotate(load(AnnotateConfig, None, cfg_args))
+    cfg = load(AnnotateConfig, None, cfg_args)
+    finished = finished_videos(read_staging(cfg, INDEX_COLUMNS)[0])  # what the killed run completed
+    again = annotate(cfg)
+    assert again["videos_skipped"] == len(finished) < again["videos"]  # skipped exactly those, redid the rest
     assert sorted(p["id"] for p in _table(killed / "pairs")) == sorted(p["id"] for p in _table(out / "pairs"))
     assert again["pairs"] == summary["pairs"] and again["errors"] == summary["errors"]
 

@@ -154,8 +154,9 @@ def test_full_fine_tuning_trains_the_unet_and_round_trips(tiny_dir: str, tmp_pat
 
 
 def test_lora_trains_only_the_adapter_and_round_trips(tiny_dir: str, tmp_path: Path) -> None:
-    lora = LoRAConfig(enabled=True, r=4, alpha=8, dropout=0.0, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    lora = LoRAConfig(enabled=True, r=4, alpha=8, dropout=0.0)  # no targets: diffusers' to_q, to_k, to_v, to_out.0
     wm = _load(tiny_dir, lora=lora)
+    assert set(wm.unet.peft_config["default"].target_modules) == {"to_q", "to_k", "to_v", "to_out.0"}
     module = wm.training_module()
     trainable = [n for n, p in module.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)

@@ -80,7 +80,7 @@ class WorldModelDeployment:
 
     def info(self) -> dict[str, Any]:
         return {"model": self.cfg.model, "backend": self.cfg.backend,
-                "resolution": getattr(self.model, "resolution", self.cfg.resolution), "calls": self.calls}
+                "resolution": self.model.resolution, "calls": self.calls}
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01, batch_size_fn=lambda reqs: sum(r.n for r in reqs))
     async def sample(self, requests: list[SampleRequest]) -> list[list[bytes]]:

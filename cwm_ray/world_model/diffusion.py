@@ -33,7 +33,8 @@ from torch import nn
 from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerBase
 
 from cwm_ray import storage
-from cwm_ray.config import TOY, RecognitionConfig, WorldModelConfig
+from cwm_ray.config import DIFFUSERS_LORA_TARGETS, TOY, RecognitionConfig, WorldModelConfig
+from cwm_ray.lora import lora_targets
 from cwm_ray.recognition import recognition_weights
 from cwm_ray.schema import decode_image, weights_from_bytes
 from cwm_ray.world_model import DTYPES, candidate_seed, resolve_device
@@ -179,7 +180,7 @@ class DiffusionWorldModel:
         self.device = resolve_device(cfg.device)
         self.dtype = DTYPES[cfg.dtype]
         if components is None and cfg.model == TOY:
-            components = _toy_components(cfg.resolution)
+            components = _toy_components(cfg.resolution or TOY_RESOLUTION)
         elif components is None:
             components = _load_components(cfg.model, self.dtype)
         self.unet: UNet2DConditionModel = components["unet"]
@@ -197,9 +198,11 @@ class DiffusionWorldModel:
         elif cfg.lora.enabled:
             from peft import LoraConfig
 
+            targets = lora_targets(self.unet, cfg.lora.target_modules, DIFFUSERS_LORA_TARGETS,
+                                   "the InstructPix2Pix UNet (diffusers UNet2DConditionModel)",
+                                   "world_model.lora.target_modules")
             self.unet.add_adapter(LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                                             target_modules=list(cfg.lora.target_modules),
-                                             init_lora_weights="gaussian"))
+                                             target_modules=targets, init_lora_weights="gaussian"))
         self.module = InstructPix2PixModule(self.unet, self.vae, self.text_encoder, self.noise_scheduler,
                                             self._tokenize([""]), cfg.conditioning_dropout,
                                             train_text_encoder=cfg.train_text_encoder and not self.is_lora,
@@ -208,6 +211,16 @@ class DiffusionWorldModel:
         self.vae_scale_factor = (2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None
                                  else self.module.patch_size)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+        self.resolution: int = cfg.resolution or self.native_resolution
+        """The side images are resized to and sampled at: `cfg.resolution`, or the checkpoint's native side."""
+
+    @property
+    def native_resolution(self) -> int:
+        """The side the checkpoint was built for: the UNet's `sample_size` × the VAE's factor (× the patch in
+        pixel space), as `StableDiffusionInstructPix2PixPipeline` sizes its default output."""
+        sample_size = self.unet.config.sample_size
+        side = sample_size if isinstance(sample_size, int) else sample_size[0]
+        return int(side) * self.vae_scale_factor
 
     @property
     def is_lora(self) -> bool:
@@ -219,13 +232,13 @@ class DiffusionWorldModel:
                               truncation=True, return_tensors="pt").input_ids
 
     def _pixels(self, images: Sequence[Any]) -> torch.Tensor:
-        """Images → (B, 3, r, r) in [-1, 1] at cfg.resolution (diffusers' VaeImageProcessor)."""
-        r = self.cfg.resolution
+        """Images → (B, 3, r, r) in [-1, 1] at `self.resolution` (diffusers' VaeImageProcessor)."""
+        r = self.resolution
         return self.image_processor.preprocess([decode_image(im) for im in images], height=r, width=r)
 
     @property
     def latent_size(self) -> int:
-        return self.cfg.resolution // self.vae_scale_factor
+        return self.resolution // self.vae_scale_factor
 
     # -- the protocol ------------------------------------------------------------------------------------
     def loss(self, batch: dict[str, torch.Tensor], weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -237,7 +250,7 @@ class DiffusionWorldModel:
     def encode_features(self, images: Sequence[Any] | torch.Tensor) -> torch.Tensor:
         """The VAE encoder's latent mean (pre-sampling), or the unshuffled, shifted and scaled pixels in pixel space.
 
-        A tensor is taken as pixel values in [-1, 1] already at cfg.resolution.
+        A tensor is taken as pixel values in [-1, 1] already at `self.resolution`.
         """
         pixels = images if isinstance(images, torch.Tensor) else self._pixels(images)
         return self.module.encode_original(pixels.to(self.device, self.dtype)).float()
@@ -395,7 +408,11 @@ def _load_components(model: str, dtype: torch.dtype) -> dict[str, Any]:
 
 
 # -- the toy model --------------------------------------------------------------------------------------
-def _toy_components(resolution: int = 64, seed: int = 0, patch_size: int = 2,
+TOY_RESOLUTION = 64
+"""A fresh `toy` model's side when `resolution` is None (the toy world's frames)."""
+
+
+def _toy_components(resolution: int = TOY_RESOLUTION, seed: int = 0, patch_size: int = 2,
                     block_out_channels: Sequence[int] = (32, 64, 64), layers_per_block: int = 1,
                     text_hidden_size: int = 64, max_length: int = 16) -> dict[str, Any]:
     from cwm_ray.toyworld.tokenizer import build_word_tokenizer

@@ -59,7 +59,8 @@ from torch import nn
 from transformers import AutoTokenizer, JanusForConditionalGeneration, PreTrainedTokenizerBase
 
 from cwm_ray import storage
-from cwm_ray.config import TOY, RecognitionConfig, WorldModelConfig
+from cwm_ray.config import TOY, TRANSFORMERS_LORA_TARGETS, RecognitionConfig, WorldModelConfig
+from cwm_ray.lora import lora_targets, target_regex
 from cwm_ray.recognition import recognition_weights
 from cwm_ray.schema import decode_image, weights_from_bytes
 from cwm_ray.world_model import DTYPES, candidate_seed, resolve_device
@@ -220,7 +221,7 @@ class TokenWorldModel:
         self.device = resolve_device(cfg.device)
         self.dtype = DTYPES[cfg.dtype]
         if components is None and cfg.model == TOY:
-            components = toy_components(cfg.resolution)
+            components = toy_components(cfg.resolution or 64)
         elif components is None:
             path = storage.local_dir(cfg.model)
             components = {"model": JanusForConditionalGeneration.from_pretrained(path, dtype=self.dtype,
@@ -234,9 +235,11 @@ class TokenWorldModel:
         elif cfg.lora.enabled:
             from peft import LoraConfig, inject_adapter_in_model
 
-            names = "|".join(m.replace(".", r"\.") for m in cfg.lora.target_modules)
+            targets = lora_targets(self.language_model, cfg.lora.target_modules, TRANSFORMERS_LORA_TARGETS,
+                                   "Janus's language model (the Llama of JanusForConditionalGeneration)",
+                                   "world_model.lora.target_modules")
             inject_adapter_in_model(LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                                               target_modules=rf".*\.({names})"), self.language_model)
+                                               target_modules=target_regex("", targets)), self.language_model)
         tok = self.tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         ids = {"bos": tok.bos_token_id, "boi": tok.convert_tokens_to_ids(BOI), "eoi": tok.convert_tokens_to_ids(EOI),

@@ -35,6 +35,10 @@ TOY_CORPUS = REPO / "outputs" / "toy_corpus"
 TRAINED_IDM = REPO / "outputs" / "models" / "toy_idm"
 TRAINED_WM = REPO / "outputs" / "models" / "toy_world_model"
 CACHE = Path(os.environ.get("BENCH_CACHE", Path(tempfile.gettempdir()) / "cwm_bench"))
+DEVICE = os.environ.get("BENCH_DEVICE", "cpu")
+"""Where the benches' models run: `cpu` (this machine), or `cuda` (bench/real_size.py on a lent GPU)."""
+GPUS = 1.0 if DEVICE.startswith("cuda") else 0.0
+"""GPUs each model actor / Serve replica / Train worker asks Ray for."""
 
 
 # ---------------------------------------------------------------------------------------------- arguments
@@ -131,13 +135,19 @@ def _jsonable(value: Any) -> Any:
 
 
 def toy_models() -> dict[str, str]:
-    """{idm, world_model}: the trained toy models when outputs/models/ has them, else random ones of the
+    """{idm, world_model, backend}: the trained toy models when outputs/models/ has them, else random ones of the
     default toy sizes (built once into the bench cache). Speed does not depend on the weights, except that a
-    random IDM rarely says EOS early, so it generates all `max_new_tokens` (the costlier case)."""
+    random IDM rarely says EOS early, so it generates all `max_new_tokens` (the costlier case).
+
+    $BENCH_IDM / $BENCH_WORLD_MODEL (+ $BENCH_WM_BACKEND) replace them with checkpoints of real families at
+    real sizes (bench/real_size.py builds those), so every bench measures the balance real models have."""
     from cwm_ray.idm import build_toy_idm
     from cwm_ray.world_model.diffusion import build_toy_world_model
 
-    out = {}
+    if os.environ.get("BENCH_IDM") and os.environ.get("BENCH_WORLD_MODEL"):
+        return {"idm": os.environ["BENCH_IDM"], "world_model": os.environ["BENCH_WORLD_MODEL"],
+                "backend": os.environ.get("BENCH_WM_BACKEND", "diffusion")}
+    out = {"backend": "diffusion"}
     idm = TRAINED_IDM if (TRAINED_IDM / "config.json").exists() else CACHE / "models" / "toy_idm"
     if not (idm / "config.json").exists():
         build_toy_idm(str(idm))
@@ -149,14 +159,16 @@ def toy_models() -> dict[str, str]:
     return out
 
 
-def toy_corpus(num_videos: int) -> list[str]:
-    """The first `num_videos` videos of the toy corpus (outputs/toy_corpus, or one made in the bench cache)."""
-    videos = sorted((TOY_CORPUS / "videos").glob("*.mp4"))
+def toy_corpus(num_videos: int, size: int = 64) -> list[str]:
+    """The first `num_videos` videos of the toy corpus (outputs/toy_corpus, or one made in the bench cache);
+    `size` other than 64 makes toy videos of that side (224 for real VLM IDMs)."""
+    videos = sorted((TOY_CORPUS / "videos").glob("*.mp4")) if size == 64 else []
     if len(videos) < num_videos:
-        root = CACHE / f"corpus_{num_videos}"
+        root = CACHE / (f"corpus_{num_videos}" if size == 64 else f"corpus_{num_videos}_{size}px")
         if not (root / "corpus.json").exists():
             subprocess.run([sys.executable, "jobs/make_toy_corpus.py", f"output={root}", f"num_videos={num_videos}",
-                            "num_train=64", "num_test=16"], check=True, cwd=REPO, stdout=subprocess.DEVNULL)
+                            "num_train=64", "num_test=16", f"world.image_size={size}"], check=True, cwd=REPO,
+                           stdout=subprocess.DEVNULL)
         videos = sorted((root / "videos").glob("*.mp4"))
     return [str(v) for v in videos[:num_videos]]
 

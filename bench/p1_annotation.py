@@ -21,14 +21,14 @@ import sys
 import time
 from typing import Any
 
-from common import CACHE, emit, median, parse_args, private_ray, toy_corpus, toy_models
+from common import CACHE, GPUS, emit, median, parse_args, private_ray, toy_corpus, toy_models
 
 DEFAULTS: dict[str, Any] = {
     "num_videos": 24, "repeats": 2, "quick": False,
     # the pipeline's stage resources (AnnotateConfig keys); defaults = configs/annotate.yaml's
     "decode_cpus": 0.5, "decode_concurrency": 0, "idm_cpus": 1.0, "idm_threads": 0, "idm_batch": 32,
     "idm_concurrency": 1, "rec_cpus": 0.25, "rec_threads": 1, "rec_batch": 64,
-    "config": "configs/annotate.yaml", "emit": "P1,P5,P7",
+    "config": "configs/annotate.yaml", "emit": "P1,P5,P7", "video_size": 64,
 }
 
 
@@ -37,7 +37,8 @@ def annotate_cfg(args: dict[str, Any], models: dict[str, str], manifest: str, ou
 
     overrides = [
         f"inputs=[{{name: bench, uri: {manifest}}}]", f"output={output}", f"idm.model={models['idm']}",
-        f"world_model.model={models['world_model']}", "export_aurora=false",
+        f"world_model.model={models['world_model']}", f"world_model.backend={models['backend']}",
+        "export_aurora=false", f"idm_stage.num_gpus={GPUS / 2}", f"recognition_stage.num_gpus={GPUS / 2}",
         f"decode.num_cpus={args['decode_cpus']}", f"decode.concurrency={args['decode_concurrency']}",
         f"idm_stage.num_cpus={args['idm_cpus']}", f"idm_stage.torch_threads={args['idm_threads']}",
         f"idm_stage.batch_size={args['idm_batch']}", f"idm_stage.concurrency={args['idm_concurrency']}",
@@ -118,7 +119,7 @@ def run(args: dict[str, Any]) -> list[dict[str, Any]]:
 
     if args["quick"]:
         args |= {"num_videos": min(args["num_videos"], 8), "repeats": 1}
-    videos = toy_corpus(args["num_videos"])
+    videos = toy_corpus(args["num_videos"], args["video_size"])
     models = toy_models()
     work = CACHE / "p1"
     shutil.rmtree(work, ignore_errors=True)

@@ -15,7 +15,7 @@ import sys
 import time
 from typing import Any
 
-from common import emit, interleaved, median, parse_args, toy_models
+from common import DEVICE, emit, interleaved, median, parse_args, toy_models
 
 DEFAULTS: dict[str, Any] = {"n": 8, "repeats": 4, "steps": 10, "threads": 0, "quick": False}
 
@@ -34,9 +34,9 @@ def run(args: dict[str, Any]) -> dict[str, Any]:
     if args["threads"]:
         torch.set_num_threads(args["threads"])
     models = toy_models()
-    wm = load_world_model(WorldModelConfig(model=models["world_model"], num_inference_steps=args["steps"],
-                                           device="cpu"))
-    idm = InverseDynamicsModel.load(IDMConfig(model=models["idm"], device="cpu"))
+    wm = load_world_model(WorldModelConfig(backend=models["backend"], model=models["world_model"],
+                                           num_inference_steps=args["steps"], device=DEVICE))
+    idm = InverseDynamicsModel.load(IDMConfig(model=models["idm"], device=DEVICE))
     source = render(random_scene(random.Random(0), ToyWorldConfig()), ToyWorldConfig())
     action = "move the red circle left"
     sample_s: dict[int, list[float]] = {1: [], args["n"]: []}

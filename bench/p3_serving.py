@@ -22,7 +22,7 @@ import sys
 import time
 from typing import Any
 
-from common import emit, median, parse_args, private_ray, toy_models
+from common import DEVICE, GPUS, emit, median, parse_args, private_ray, toy_models
 
 DEFAULTS: dict[str, Any] = {"clients": 32, "requests_per_client": 2, "best_of": 2, "batch": 16, "wait_s": 0.02,
                             "repeats": 2, "steps": 10, "quick": False}
@@ -40,14 +40,15 @@ def _app(models: dict[str, str], args: dict[str, Any], max_batch: int) -> Any:
     from cwm_ray.serve.app import Ingress, VerifierDeployment, WorldModelDeployment, _resolved
 
     cfg = _resolved(from_dict(ServeConfig, {
-        "world_model": {"model": models["world_model"], "num_inference_steps": args["steps"], "device": "cpu"},
-        "idm": {"model": models["idm"], "device": "cpu"}, "best_of": args["best_of"],
+        "world_model": {"backend": models["backend"], "model": models["world_model"],
+                        "num_inference_steps": args["steps"], "device": DEVICE},
+        "idm": {"model": models["idm"], "device": DEVICE}, "best_of": args["best_of"],
         "api_keys_env": "CWM_BENCH_NO_KEYS", "limits": {"max_best_of": args["best_of"]}}))
     user_config = {"max_batch_size": max_batch, "batch_wait_timeout_s": args["wait_s"]}
     wm = WorldModelDeployment.options(num_replicas=1, user_config=user_config, max_ongoing_requests=64,
-                                      ray_actor_options={"num_cpus": 1})
+                                      ray_actor_options={"num_cpus": 1, "num_gpus": GPUS / 2})
     verifier = VerifierDeployment.options(num_replicas=1, user_config=user_config, max_ongoing_requests=64,
-                                          ray_actor_options={"num_cpus": 0.5})
+                                          ray_actor_options={"num_cpus": 0.5, "num_gpus": GPUS / 2})
     return Ingress.bind(wm.bind(to_dict(cfg.world_model), cfg.limits.max_best_of),
                         verifier.bind(to_dict(cfg.idm), cfg.limits.max_best_of), to_dict(cfg))
 

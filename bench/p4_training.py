@@ -22,10 +22,13 @@ import sys
 import time
 from typing import Any
 
-from common import CACHE, emit, gold_train, median, parse_args, private_ray
+from common import CACHE, GPUS, emit, gold_train, median, parse_args, private_ray
 
 DEFAULTS: dict[str, Any] = {"model": "world_model", "steps": 30, "log_every": 10, "batch": 32,
-                            "variants": "ds2,ddp,ds2_2workers", "cpus_per_worker": 1.0, "quick": False}
+                            "variants": "ds2,ddp,ds2_2workers", "cpus_per_worker": 1.0, "quick": False,
+                            "model_path": "", "backend": "diffusion", "lora": False, "config": ""}
+"""`model_path` (with `backend`, `lora`) trains a given checkpoint instead of the toy; `config` replaces the job's
+toy YAML (e.g. a model profile). bench/real_size.py sets them for real families on a GPU ($BENCH_DEVICE)."""
 ONE_WORKER = ["scaling.num_workers=1", f"scaling.torch_threads={os.cpu_count()}"]
 VARIANTS = {"ds2": ["deepspeed.enabled=true", "deepspeed.zero_stage=2", *ONE_WORKER],
             "ds0": ["deepspeed.enabled=true", "deepspeed.zero_stage=0", *ONE_WORKER],
@@ -40,10 +43,18 @@ PER_WORKER_BATCH = {"ds2_2workers": 2}
 def train_cfg(args: dict[str, Any], extra: list[str], name: str) -> Any:
     from cwm_ray.config import TrainIDMConfig, TrainWorldModelConfig, load
 
-    cls, yaml = ((TrainWorldModelConfig, "configs/train_world_model.yaml") if args["model"] == "world_model"
+    wm = args["model"] == "world_model"
+    cls, yaml = ((TrainWorldModelConfig, "configs/train_world_model.yaml") if wm
                  else (TrainIDMConfig, "configs/train_idm.yaml"))
+    yaml = args["config"] or yaml
     out = CACHE / "p4" / name
-    return load(cls, yaml, [
+    section = "world_model" if wm else "idm"
+    given = []
+    if args["model_path"]:
+        given = [f"{section}.model={args['model_path']}", f"{section}.lora.enabled={args['lora']}"]
+        given += [f"world_model.backend={args['backend']}"] if wm else []
+    gpu = ["scaling.use_gpu=true", "scaling.gpus_per_worker=1", "deepspeed.bf16=true"] if GPUS else []
+    return load(cls, yaml, [*given, *gpu,
         f"data.sources=[{{uri: {gold_train(args['batch'] * 4)}}}]", f"optim.max_steps={args['steps']}",
         f"optim.batch_size={args['batch']}", f"train.log_every={args['log_every']}", "train.eval_every=0",
         "train.checkpoint_every=0", f"train.name={name}", f"train.storage_path={out / 'runs'}",
@@ -62,6 +73,9 @@ def plain_loop(cfg: Any, rows: list[dict[str, Any]], log_every: int) -> float:
     _seed_everything(cfg.optim.seed)
     model = build_model(cfg)
     module = model.training_module(cfg.idm.lora) if isinstance(cfg, TrainIDMConfig) else model.training_module()
+    device = next(module.parameters()).device
+    # The job's engine: bf16 autocast on CPU when asked (deepspeed.bf16_cpu), DeepSpeed's bf16 on a GPU.
+    autocast = cfg.deepspeed.bf16 if device.type == "cuda" else cfg.deepspeed.bf16_cpu
     module.train()
     params = [p for p in module.parameters() if p.requires_grad]
     opt = build_optimizer(cfg, params)
@@ -71,8 +85,9 @@ def plain_loop(cfg: Any, rows: list[dict[str, Any]], log_every: int) -> float:
     for step in range(1, cfg.optim.max_steps + 1):
         idx = rng.choice(len(rows), bs, replace=False)
         batch = {k: np.array([rows[i][k] for i in idx], dtype=object) for k in ("source", "target", "action")}
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.deepspeed.bf16_cpu):  # as the job's engine
-            loss = module(**model.collate(batch))
+        inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in model.collate(batch).items()}
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):  # as the job's engine
+            loss = module(**inputs)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.deepspeed.gradient_clipping)

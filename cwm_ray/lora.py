@@ -26,7 +26,9 @@ def lora_targets(module: nn.Module, names: Sequence[str], default: Sequence[str]
     present = {name for name, _ in module.named_modules() if name}
     missing = [t for t in wanted if not any(n == t or n.endswith("." + t) for n in present)]
     if missing:
-        linear = sorted({n.rsplit(".", 1)[-1] for n, m in module.named_modules() if isinstance(m, nn.Linear)})
+        # Named as target_modules takes them: the attribute name, with a Sequential's index kept ("to_out.0").
+        linear = sorted({".".join(n.split(".")[-2:]) if n.rsplit(".", 1)[-1].isdigit() else n.rsplit(".", 1)[-1]
+                         for n, m in module.named_modules() if isinstance(m, nn.Linear)})
         hint = f"its linear layers are named {', '.join(linear[:16])}" if linear else "it has no linear layers"
         raise ConfigError(
             f"{setting}: {family} has no module named {', '.join(missing)} ({hint}). Leave {setting} empty "

@@ -212,6 +212,82 @@ def test_guided_greedy_sampling_is_batched_once_per_token(tmp_path: Path, tiny_d
     assert np.array_equal(np.asarray(out[0][0]), np.asarray(out[0][1]))  # greedy: candidates agree
 
 
+def _sample_unshared(wm: TokenWorldModel, sources: list[bytes], actions: list[str], n: int | list[int],
+                     seed: int | list[int]) -> list[list[np.ndarray]]:
+    """The sampler as it was before the prompt was shared: every candidate runs its own copy of the prompt.
+
+    Kept as the reference the shared-prefix sampler must match token for token (same seeds, same images).
+    """
+    from transformers import DynamicCache
+
+    from cwm_ray.world_model import candidate_seed
+
+    m, opts = wm.module, wm.cfg.token
+    counts = [n] * len(sources) if isinstance(n, int) else list(n)
+    seeds = [(seed, i) for i in range(len(sources))] if isinstance(seed, int) else [(s, 0) for s in seed]
+    repeats = torch.tensor(counts)
+    source = wm.codes(sources).repeat_interleave(repeats, 0)
+    input_ids, text_mask = (t.repeat_interleave(repeats, 0) for t in wm._tokenize_text(actions))
+    total = source.shape[0]
+    guided = opts.guidance_scale != 1.0
+    drop = torch.tensor([False] * total + [True] * total) if guided else None
+    if guided:
+        source, input_ids, text_mask = (torch.cat([t, t]) for t in (source, input_ids, text_mask))
+    ids, is_image, mask, positions = m.layout(source, input_ids, text_mask, None, drop)
+    gens = [torch.Generator().manual_seed(candidate_seed(s, i, j))
+            for (s, i), k in zip(seeds, counts, strict=True) for j in range(k)]
+    with torch.no_grad():
+        out = m.run(m.embed(ids, is_image), mask, positions, cache=DynamicCache(config=wm.model.config.text_config))
+        codes = []
+        for _ in range(m.grid**2):
+            logits = m.image_logits(out.last_hidden_state[:, -1]).float()
+            if guided:
+                cond, uncond = logits.chunk(2)
+                logits = uncond + opts.guidance_scale * (cond - uncond)
+            code = wm._draw(logits, gens, opts.temperature, opts.top_k)
+            codes.append(code)
+            step = torch.cat([code, code]) if guided else code
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            positions = positions[:, -1:] + 1
+            out = m.run(wm.model.prepare_embeddings_for_image_generation(step[:, None]), mask, positions,
+                        cache=out.cache)
+        pixels = m.decode(torch.stack(codes, 1))
+    arrays = ((pixels.permute(0, 2, 3, 1).numpy() + 1.0) * 127.5).round().clip(0, 255).astype(np.uint8)
+    ends = np.cumsum(counts).tolist()
+    return [list(arrays[end - k:end]) for k, end in zip(counts, ends, strict=True)]
+
+
+@pytest.mark.parametrize(("guidance", "temperature", "top_k"), [(1.0, 1.0, 0), (3.0, 1.0, 8), (3.0, 0.0, 0)])
+def test_shared_prompt_sampling_matches_the_unshared_sampler(tiny_dir: str, guidance: float, temperature: float,
+                                                             top_k: int) -> None:
+    """Best-of-N runs each input's prompt once and branches its KV cache over the candidates; candidate j of
+    input i must still be exactly the image the old sampler (the prompt run once per candidate) drew."""
+    from cwm_ray.config import TokenSamplingConfig
+
+    wm = _load(tiny_dir, token=TokenSamplingConfig(temperature=temperature, top_k=top_k, guidance_scale=guidance))
+    sources, actions = _images(3, seed=4), [ACTIONS[0], "remove the red square from the top left", ACTIONS[2]]
+    for n, seed in ((3, 7), ([1, 4, 2], [5, 9, 11])):
+        got = [[np.asarray(im) for im in cands] for cands in wm.sample(sources, actions, n=n, seed=seed)]
+        want = _sample_unshared(wm, sources, actions, n, seed)
+        assert [len(c) for c in got] == [len(c) for c in want]
+        for g, w in zip(got, want, strict=True):
+            assert all(np.array_equal(a, b) for a, b in zip(g, w, strict=True))
+
+
+def test_best_of_n_runs_the_prompt_once_per_input(tiny_dir: str) -> None:
+    wm = _load(tiny_dir)
+    lengths: list[tuple[int, int]] = []
+    handle = wm.language_model.register_forward_pre_hook(
+        lambda _m, _a, kw: lengths.append(tuple(kw["inputs_embeds"].shape[:2])), with_kwargs=True)
+    try:
+        wm.sample(_images(2), ACTIONS[:2], n=8, seed=0)
+    finally:
+        handle.remove()
+    prompt, steps = lengths[0], lengths[1:]
+    assert prompt[0] == 2 and prompt[1] > 64  # the prompt: one row per input
+    assert steps == [(16, 1)] * 64  # then one token per step for every candidate
+
+
 def test_full_and_lora_fine_tuning_round_trip(tiny_dir: str, tmp_path: Path) -> None:
     wm = _load(tiny_dir)
     module = wm.training_module()

@@ -368,6 +368,10 @@ class TokenWorldModel:
         Candidate j of input i draws every token from its own generator seeded by (seed, i, j), or by
         (seed[i], 0, j) when seeds are per input (Serve), so it does not depend on the rest of the batch.
         Guidance (`token.guidance_scale` > 1) mixes the logits with those of the action-dropped prompt.
+
+        The n candidates of an input share its prompt (source tokens and action), so the prompt runs once
+        per input and its KV cache is branched, one copy per candidate (`DynamicCache.batch_select_indices`
+        with repeated rows): best-of-N pays for the prompt once, and for the image tokens n times.
         """
 
         if len(sources) != len(actions):
@@ -380,14 +384,16 @@ class TokenWorldModel:
             return []
         m, opts, was_training = self.module, self.cfg.token, self.module.training
         m.eval()
-        repeats = torch.tensor(counts)
-        source = self.codes(sources).to(self.device).repeat_interleave(repeats.to(self.device), 0)
-        input_ids, text_mask = (t.repeat_interleave(repeats, 0).to(self.device) for t in self._tokenize_text(actions))
-        total = source.shape[0]
+        source = self.codes(sources).to(self.device)
+        input_ids, text_mask = (t.to(self.device) for t in self._tokenize_text(actions))
+        inputs = source.shape[0]
+        # The prompt row of each candidate, in the order the generators are listed (input-major).
+        rows = torch.arange(inputs).repeat_interleave(torch.tensor(counts))
         guided = opts.guidance_scale != 1.0
-        drop = torch.tensor([False] * total + [True] * total) if guided else None
+        drop = torch.tensor([False] * inputs + [True] * inputs) if guided else None
         if guided:
             source, input_ids, text_mask = (torch.cat([t, t]) for t in (source, input_ids, text_mask))
+            rows = torch.cat([rows, rows + inputs])  # (cond, uncond) halves, as the logits are chunked
         ids, is_image, mask, positions = m.layout(source, input_ids, text_mask, None, drop)
         gens = [torch.Generator().manual_seed(candidate_seed(s, i, j))
                 for (s, i), k in zip(seeds, counts, strict=True) for j in range(k)]
@@ -395,9 +401,13 @@ class TokenWorldModel:
         from transformers import DynamicCache
 
         out = m.run(m.embed(ids, is_image), mask, positions, cache=DynamicCache(config=self.model.config.text_config))
+        rows = rows.to(self.device)
+        cache = out.cache
+        cache.batch_select_indices(rows)  # branch: every candidate continues from its own copy of the prompt
+        hidden, mask, positions = out.last_hidden_state[rows, -1], mask[rows], positions[rows]
         codes = []
         for _ in range(m.grid**2):
-            logits = m.image_logits(out.last_hidden_state[:, -1]).float().cpu()
+            logits = m.image_logits(hidden).float().cpu()
             if guided:
                 cond, uncond = logits.chunk(2)
                 logits = uncond + opts.guidance_scale * (cond - uncond)
@@ -407,7 +417,8 @@ class TokenWorldModel:
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
             positions = positions[:, -1:] + 1
             out = m.run(self.model.prepare_embeddings_for_image_generation(step[:, None].to(self.device)),
-                        mask, positions, cache=out.cache)
+                        mask, positions, cache=cache)
+            hidden = out.last_hidden_state[:, -1]
         pixels = m.decode(torch.stack(codes, 1).to(self.device))
         arrays = ((pixels.permute(0, 2, 3, 1).cpu().numpy() + 1.0) * 127.5).round().clip(0, 255).astype(np.uint8)
         images = [Image.fromarray(a) for a in arrays]

@@ -12,6 +12,10 @@ import re
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from cwm_ray.config import FilterConfig
 
 _WORD = re.compile(r"[a-z]+(?:'[a-z]+)?")
@@ -120,3 +124,52 @@ def select(rows: Iterable[dict[str, object]], cfg: FilterConfig) -> set[str]:
     for ids, cls, sc in per_corpus.values():
         kept.update(stratified_top_k(ids, cls, sc, cfg.budget))
     return kept
+
+
+def _run_position(*sorted_columns: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """Each row's position inside its run of equal keys, over columns already sorted by those keys."""
+    n = len(sorted_columns[0])
+    starts = np.zeros(n, dtype=bool)
+    if n:
+        starts[0] = True
+    for col in sorted_columns:
+        if n > 1:
+            changed = pc.not_equal(col.slice(1), col.slice(0, n - 1))
+            starts[1:] |= pc.fill_null(changed, True).to_numpy(zero_copy_only=False)
+    rows = np.arange(n)
+    return rows - np.maximum.accumulate(np.where(starts, rows, 0))
+
+
+def stratified_top_k_mask(table: pa.Table, cfg: FilterConfig) -> pa.BooleanArray:
+    """Which rows of {id, dataset, action_class, logprob, num_tokens} are kept: `select`, as Arrow sorts.
+
+    The round a triplet is taken in is its rank inside its (corpus, class), best first, ties by id; round by
+    round, classes are visited best candidate first. So a corpus's triplets in the order (rank, score desc,
+    id) are exactly the order `stratified_top_k` takes them in, and the kept ones are the first `budget` of
+    that order. Two sorts and a run-length pass, in Arrow's C++ and numpy: no Python object per row, which
+    is what lets finalize handle millions of staged pairs (`stratified_top_k` stays as the reference).
+    """
+    n = table.num_rows
+    logprob = pc.cast(table.column("logprob"), pa.float64())
+    if cfg.score == "sum":
+        score = logprob
+    elif cfg.score == "mean":
+        tokens = pc.max_element_wise(pc.cast(table.column("num_tokens"), pa.int64()), 1)
+        score = pc.divide(logprob, pc.cast(tokens, pa.float64()))
+    else:
+        raise ValueError(f"unknown filter.score {cfg.score!r}; use sum or mean")
+    keys = pa.table({"dataset": pc.cast(table.column("dataset"), pa.string()),
+                     "action_class": pc.cast(table.column("action_class"), pa.string()),
+                     "score": pc.add(score, 0.0),  # -0.0 → 0.0: Python's sort sees them as a tie
+                     "id": pc.cast(table.column("id"), pa.string()), "row": pa.array(np.arange(n))})
+    by_class = keys.take(pc.sort_indices(keys, [("dataset", "ascending"), ("action_class", "ascending"),
+                                                ("score", "descending"), ("id", "ascending")]))
+    rank = _run_position(by_class.column("dataset"), by_class.column("action_class"))
+    by_round = by_class.append_column("rank", pa.array(rank))
+    by_round = by_round.take(pc.sort_indices(by_round, [("dataset", "ascending"), ("rank", "ascending"),
+                                                        ("score", "descending"), ("id", "ascending"),
+                                                        ("action_class", "ascending")]))
+    taken = _run_position(by_round.column("dataset")) < cfg.budget
+    kept = np.zeros(n, dtype=bool)
+    kept[by_round.column("row").to_numpy()] = taken
+    return pa.array(kept)

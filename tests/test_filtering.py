@@ -1,9 +1,11 @@
+import random
 from collections import Counter
 
+import pyarrow as pa
 import pytest
 
 from cwm_ray.config import FilterConfig
-from cwm_ray.filtering import action_class, select, stratified_top_k, triplet_score
+from cwm_ray.filtering import action_class, select, stratified_top_k, stratified_top_k_mask, triplet_score
 
 CFG = FilterConfig()
 
@@ -74,3 +76,36 @@ def test_real_captions_are_classed_by_their_verb_not_their_subject(action: str, 
     called `the` of every such action, and the stratified filter then kept one class."""
     assert action_class(action, FilterConfig()) == cls
     assert action_class(action, FilterConfig(class_rule="first_word")) == cls.split()[0]
+
+
+def _random_rows(rng: random.Random, n: int) -> list[dict[str, object]]:
+    """Rows with few corpora and classes, many tied scores (a coarse grid, 0.0 among them) and shuffled ids."""
+    ids = [f"{rng.getrandbits(40):010x}" for _ in range(n)]
+    return [{"id": rid, "dataset": rng.choice("kuv"), "action_class": rng.choice(["move left", "put", "open", "é"]),
+             "logprob": -rng.randrange(0, 6) / 2, "num_tokens": rng.randrange(0, 5)} for rid in ids]
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_the_arrow_selection_is_the_reference_selection(seed: int) -> None:
+    """`stratified_top_k_mask` (finalize's Arrow sorts) keeps exactly the ids `select` keeps, budgets ending
+    mid-round, before the first round ends and past the data, under both scores."""
+    rng = random.Random(seed)
+    rows = _random_rows(rng, rng.randrange(0, 300))
+    table = pa.Table.from_pylist(rows, schema=pa.schema([("id", pa.string()), ("dataset", pa.string()),
+                                                         ("action_class", pa.string()), ("logprob", pa.float64()),
+                                                         ("num_tokens", pa.int64())]))
+    for budget in (0, 1, 2, 3, rng.randrange(1, 120), 1000):
+        for score in ("sum", "mean"):
+            cfg = FilterConfig(budget=budget, score=score)
+            mask = stratified_top_k_mask(table, cfg)
+            assert set(table.filter(mask).column("id").to_pylist()) == select(rows, cfg), (budget, score)
+
+
+def test_the_arrow_selection_on_a_hand_made_round() -> None:
+    ids = [f"m{i:02d}" for i in range(90)] + [f"r{i}" for i in range(5)] + [f"a{i}" for i in range(3)]
+    table = pa.table({"id": ids, "dataset": ["d"] * 98, "action_class": ["move"] * 90 + ["remove"] * 5 + ["add"] * 3,
+                      "logprob": [-1.0 - i / 100 for i in range(90)] + [-5.0 - i for i in range(5)]
+                      + [-9.0 - i for i in range(3)], "num_tokens": [1] * 98})
+    kept = table.filter(stratified_top_k_mask(table, FilterConfig(budget=12))).column("id").to_pylist()
+    assert sorted(kept) == sorted(stratified_top_k(ids, table.column("action_class").to_pylist(),
+                                                   table.column("logprob").to_pylist(), 12))

@@ -7,14 +7,20 @@ message names the offending key in plain words.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
+import inspect
 import os
 import sys
+import types
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
@@ -103,6 +109,10 @@ class ToyCorpusConfig:
     The test set and the videos stay uniform, so accuracy figures compare across settings."""
     world: ToyWorldConfig = field(default_factory=ToyWorldConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    allow_toy: bool = False
+    """Let a run on a joined cluster (RAY_ADDRESS set) or on GPUs use toy values: a `toy` model, the toy corpus
+    (outputs/toy_corpus/...), relative output paths. Off, `check_toy_values` refuses them there: a random model, or
+    outputs lost with the job's temporary working directory, is never what a cluster run means."""
 
 
 def _format_error(exc: OmegaConfBaseException, source: str) -> str:
@@ -170,11 +180,100 @@ def load(cls: type[T], config_file: str | Path | Sequence[str | Path] | None = N
     bad = [o for o in overrides if "=" not in o or o.startswith("=")]
     if bad:
         raise ConfigError(f"overrides must look like key=value, got: {' '.join(bad)}")
+    for override in expand_shorthands(cls, overrides):
+        try:
+            layer = OmegaConf.from_dotlist([_quote_string_value(cls, override)])
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"cannot parse the value of {override!r}: {str(exc).splitlines()[0]}; a value with "
+                              f"YAML syntax in it (': ', '[', '{{') must be valid YAML, or quoted") from None
+        _check_list_value(cls, override, layer)
+        try:
+            cfg = OmegaConf.merge(cfg, layer)
+        except OmegaConfBaseException as exc:
+            raise ConfigError(_format_error(exc, "command line")) from None
     try:
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
         return OmegaConf.to_object(cfg)  # type: ignore[return-value]
     except OmegaConfBaseException as exc:
         raise ConfigError(_format_error(exc, "command line")) from None
+
+
+def _leaf_type(cls: type, key: str) -> Any:
+    """The annotated type of a dotted `key` in dataclass `cls` (list items by index); None when there is none."""
+    tp: Any = cls
+    for part in key.split("."):
+        if part.isdigit() and typing.get_origin(tp) is list:
+            tp = typing.get_args(tp)[0]
+            continue
+        if not dataclasses.is_dataclass(tp):
+            return None
+        hints = typing.get_type_hints(tp)
+        if part not in hints:
+            return None
+        tp = hints[part]
+    return tp
+
+
+def _is_string_type(tp: Any) -> bool:
+    if tp is str:
+        return True
+    return typing.get_origin(tp) in (typing.Union, types.UnionType) and set(typing.get_args(tp)) == {str, type(None)}
+
+
+def _quote_string_value(cls: type, override: str) -> str:
+    """A string setting takes the text after `=` as it is, so `idm.prompt='a: b'` on the shell is the prompt
+    `a: b`, not a YAML mapping (which OmegaConf would make of it). Values the user quoted for YAML, and null,
+    keep their YAML meaning; every other type is parsed as YAML as before."""
+    key, value = override.split("=", 1)
+    if value in ("null", "~") or value[:1] in ("'", '"') or not _is_string_type(_leaf_type(cls, key)):
+        return override
+    return f"{key}='" + value.replace("'", "''") + "'"
+
+
+def _check_list_value(cls: type, override: str, layer: DictConfig) -> None:
+    """`inputs=PATH` used to fail with OmegaConf's 'AnyNode is not a ListConfig': say what a list setting takes."""
+    key = override.split("=", 1)[0]
+    if typing.get_origin(_leaf_type(cls, key)) is not list:
+        return
+    value = OmegaConf.select(layer, key)
+    if value is not None and not OmegaConf.is_list(value):
+        hint = "; for one corpus write input=PATH" if key == "inputs" else ""
+        raise ConfigError(f"bad value for config key '{key}': {override.split('=', 1)[1]!r} is not a list; "
+                          f"write {key}=[...]{hint}")
+
+
+def corpus_name(uri: str) -> str:
+    """A corpus's name from its URI: the last path part that is not a glob, without its extension
+    (`s3://b/ego/` → `ego`, `/data/web.jsonl` → `web`, `/data/shards/*.tar` → `shards`)."""
+    parts = [p for p in uri.replace("\\", "/").split("/") if p and not p.endswith(":")]
+    while parts and any(c in parts[-1] for c in "*?["):
+        parts.pop()
+    name = Path(parts[-1]).stem if parts else ""
+    if not name:
+        raise ConfigError(f"cannot name a corpus after {uri!r}: give inputs=[{{name: NAME, uri: {uri}}}]")
+    return name
+
+
+def expand_shorthands(cls: type, overrides: Sequence[str]) -> list[str]:
+    """`input=PATH` (for a config with `inputs`): one corpus named after its path, as the README promises; given
+    several times, one corpus each. Every other override passes through unchanged."""
+    if "inputs" not in {f.name for f in dataclasses.fields(cls)}:
+        return list(overrides)
+    paths = [o.split("=", 1)[1] for o in overrides if o.startswith("input=")]
+    rest = [o for o in overrides if not o.startswith("input=")]
+    if not paths:
+        return rest
+    if any(o.startswith("inputs=") for o in rest):
+        raise ConfigError("give either input=PATH or inputs=[...], not both")
+    names = [corpus_name(p) for p in paths]
+    if len(set(names)) < len(names):
+        raise ConfigError(f"input=PATH names each corpus after its path, and two are named alike ({', '.join(names)}):"
+                          " give inputs=[{name: A, uri: PATH}, {name: B, uri: PATH}]")
+
+    def q(text: str) -> str:
+        return "'" + text.replace("'", "''") + "'"
+
+    corpora = ", ".join(f"{{name: {q(n)}, uri: {q(p)}}}" for n, p in zip(names, paths, strict=True))
+    return [f"inputs=[{corpora}]", *rest]
 
 
 def _open_dicts(node: Any) -> None:
@@ -197,40 +296,140 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def parse_cli(cls: type[T], argv: Sequence[str] | None = None, default_config: str | None = None) -> T:
-    """`[--config FILE ...] [key=value ...]` → config. Prints the resolved config, as every job does.
+USAGE = """usage: {prog} [--config FILE]... [--print-config] [--help] [key=value ...]
 
-    `default_config` (relative to the repository root) is used when no `--config` is given, so a job
-    run with no arguments uses the embedded default. Several `--config` files layer in the order given
-    (e.g. a model profile from configs/real/, then a cluster's wiring from configs/cluster/).
+  --config FILE    a YAML layer over the defaults; repeat it to layer several in order (a model profile from
+                   configs/real/, then a cluster's wiring from configs/cluster/). Without it the job's toy YAML
+                   ({default}) is the only layer.
+  --print-config   print the resolved config and exit, starting nothing
+  --help           this text, then every setting resolved from the same --config files and overrides, with its
+                   description
+  key=value        set any setting below (nested keys with dots; lists and mappings in YAML: 'k=[a, b]');
+                   a text setting takes the text as written: 'idm.prompt=a: b' is the prompt `a: b`{extra}"""
+
+
+def parse_cli(cls: type[T], argv: Sequence[str] | None = None, default_config: str | None = None) -> T:
+    """`[--config FILE ...] [--print-config] [--help] [key=value ...]` → config. Prints the resolved config, as every
+    job does, so a job's log starts with exactly what it ran.
+
+    `default_config` (relative to the repository root) is used only when no `--config` is given, so a job
+    run with no arguments uses the embedded toy setup, and the toy sizes in it never leak under a real profile.
+    Several `--config` files layer in the order given. `--help` and `--print-config` resolve the same layers and
+    exit 0; every error is a `ConfigError` (one line, exit 2 through `run_job`).
     """
     args = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help") for a in args):
-        print(f"usage: [--config FILE] [key=value ...]\n\ndefaults ({cls.__name__}):\n")
-        print(to_yaml(load(cls, _default_path(default_config))))
-        raise SystemExit(0)
     config_files: list[str | Path] = []
     rest: list[str] = []
+    want_help = want_print = False
     i = 0
     while i < len(args):
-        if args[i] == "--config":
+        arg = args[i]
+        if arg == "--config":
             if i + 1 >= len(args):
                 raise ConfigError("--config needs a file")
             config_files.append(args[i + 1])
             i += 2
             continue
-        if args[i].startswith("--config="):
-            config_files.append(args[i].split("=", 1)[1])
+        if arg.startswith("--config="):
+            config_files.append(arg.split("=", 1)[1])
+        elif arg in ("-h", "--help"):
+            want_help = True
+        elif arg == "--print-config":
+            want_print = True
+        elif arg.startswith("-") and "=" not in arg:
+            raise ConfigError(f"unknown option {arg}; options are --config FILE, --print-config and --help, "
+                              "and settings are key=value")
         else:
-            rest.append(args[i])
+            rest.append(arg)
         i += 1
-    args = rest
     if not config_files and (default := _default_path(default_config)) is not None:
         config_files = [default]
-    cfg = load(cls, config_files, args)
-    print(f"# resolved {cls.__name__}" + (f" (from {', '.join(map(str, config_files))})" if config_files else ""))
+    cfg = load(cls, config_files, rest)
+    source = f" (from {', '.join(map(str, config_files))})" if config_files else ""
+    if want_help:
+        extra = "\n  input=PATH       one corpus, named after its path (for inputs=[{name, uri}])" \
+            if "inputs" in {f.name for f in dataclasses.fields(cls)} else ""  # type: ignore[arg-type]
+        print(USAGE.format(prog=Path(sys.argv[0]).name if argv is None else "job", extra=extra,
+                           default=default_config or "none"))
+        try:
+            print(f"\n# {cls.__name__}: {_class_doc(cls)}\n# resolved{source}\n")
+            print(describe(cfg), flush=True)
+        except BrokenPipeError:  # `--help | head`: the reader has all it wanted
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (the interpreter flushes it at exit)
+        raise SystemExit(0)
+    print(f"# resolved {cls.__name__}{source}")
     print(to_yaml(cfg), flush=True)
+    if want_print:  # a planned run is checked as it would start: toy values are refused here too
+        for warning in check_toy_values(cfg):
+            print(f"warning: {warning}", file=sys.stderr, flush=True)
+        raise SystemExit(0)
     return cfg
+
+
+@functools.cache
+def _source_docs() -> tuple[dict[str, str], dict[str, dict[str, str]], dict[str, dict[str, tuple[Any, ...]]]]:
+    """Class docstrings, field docstrings and fixed choices, read from this file's source.
+
+    Why `ast`: a field's description is the string literal under it (the torchtitan convention), which Python
+    keeps nowhere at run time; and the choices are the `check_choice` calls in `__post_init__`, so `--help` shows
+    the same lists the validation enforces.
+    """
+    tree = ast.parse(Path(__file__).read_text())
+    class_docs: dict[str, str] = {}
+    docs: dict[str, dict[str, str]] = {}
+    choices: dict[str, dict[str, tuple[Any, ...]]] = {}
+    for node in tree.body:
+        if not isinstance(node, ast.ClassDef):
+            continue
+        class_docs[node.name] = ast.get_docstring(node) or ""
+        fields = docs.setdefault(node.name, {})
+        for a, b in zip(node.body, node.body[1:], strict=False):
+            if isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name) and isinstance(b, ast.Expr) \
+                    and isinstance(b.value, ast.Constant) and isinstance(b.value.value, str):
+                fields[a.target.id] = inspect.cleandoc(b.value.value)
+        for call in ast.walk(node):
+            if isinstance(call, ast.Call) and getattr(call.func, "id", None) == "check_choice" \
+                    and len(call.args) == 3 and isinstance(call.args[1], ast.Attribute):
+                options = call.args[2]
+                value = globals().get(options.id) if isinstance(options, ast.Name) else ast.literal_eval(options)
+                choices.setdefault(node.name, {})[call.args[1].attr] = tuple(value or ())
+    return class_docs, docs, choices
+
+
+def _class_doc(cls: type) -> str:
+    return _source_docs()[0].get(cls.__name__, "").split("\n\n")[0].replace("\n", " ")
+
+
+def _flow(value: Any) -> str:
+    """A value as it is written after `key=` (YAML flow style)."""
+    if dataclasses.is_dataclass(value) or (isinstance(value, list) and value and dataclasses.is_dataclass(value[0])):
+        value = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else [dataclasses.asdict(v) for v in value]
+    text = yaml.safe_dump(value, default_flow_style=True, width=10**9, sort_keys=False, allow_unicode=True)
+    return text.removesuffix("\n...\n").strip()
+
+
+def describe(cfg: Any) -> str:
+    """Every setting of a resolved config as `key=value`, with its choices and its description beneath."""
+    _, docs, choices = _source_docs()
+    lines: list[str] = []
+
+    def walk(obj: Any, prefix: str) -> None:
+        owner = type(obj).__name__
+        for f in dataclasses.fields(obj):
+            value, key = getattr(obj, f.name), prefix + f.name
+            doc = docs.get(owner, {}).get(f.name, "")
+            if dataclasses.is_dataclass(value):
+                lines.append(f"\n# {key}: {doc or _class_doc(type(value))}".rstrip())
+                walk(value, key + ".")
+                continue
+            line = f"{key}={_flow(value)}"
+            if f.name in choices.get(owner, {}):
+                line += f"    (one of: {', '.join(map(str, choices[owner][f.name]))})"
+            lines.append(line)
+            lines.extend("      " + d for d in doc.splitlines())
+
+    walk(cfg, "")
+    return "\n".join(lines)
 
 
 def _default_path(default_config: str | None) -> Path | None:
@@ -241,9 +440,12 @@ def _default_path(default_config: str | None) -> Path | None:
 
 
 def run_job(main: Any, cls: type[T], default_config: str | None = None) -> None:
-    """Entry point helper for `jobs/*.py`: config errors are one clear line and exit code 2."""
+    """Entry point helper for `jobs/*.py`: config errors, and toy values where they cannot be meant
+    (`check_toy_values`), are one clear line and exit code 2, before anything starts."""
     try:
         cfg = parse_cli(cls, default_config=default_config)
+        for warning in check_toy_values(cfg):
+            print(f"warning: {warning}", file=sys.stderr, flush=True)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -252,6 +454,75 @@ def run_job(main: Any, cls: type[T], default_config: str | None = None) -> None:
         # token auth only gets in the way. Jobs submitted to a cluster (RAY_ADDRESS set) keep its setting.
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     main(cfg)
+
+
+OUTPUT_FIELDS = ("output", "storage_path", "export")
+"""Settings a job writes results to: relative ones are refused on a joined cluster. (`judge.cache_dir` is not one:
+a lost cache costs judge calls again, not results.)"""
+DATA_FIELDS = ("uri", "bench", "triplets")
+"""Settings a job reads data from: the toy corpus's paths are refused on a cluster or GPUs."""
+MIN_REAL_INPUT = {"image_size": 224, "resolution": 256, "max_side": 224}
+"""Input sides (px) below which a real model gets a warning: the toy's 64 px leaking into a real profile starves
+a 224–448 px vision tower (CLIP, SigLIP, Qwen2-VL's patches) or a 256-px InstructPix2Pix UNet of detail."""
+
+
+def _leaves(obj: Any, prefix: str = "") -> typing.Iterator[tuple[str, Any, Any, str]]:
+    """(dotted key, value, the dataclass holding it, field name) for every setting, into sections and lists."""
+    for f in dataclasses.fields(obj):
+        value, key = getattr(obj, f.name), prefix + f.name
+        if dataclasses.is_dataclass(value):
+            yield from _leaves(value, key + ".")
+        elif isinstance(value, list) and value and dataclasses.is_dataclass(value[0]):
+            for i, item in enumerate(value):
+                yield from _leaves(item, f"{key}.{i}.")
+        else:
+            yield key, value, obj, f.name
+
+
+def _is_toy_model(value: Any) -> bool:
+    return isinstance(value, str) and (value == TOY or value.startswith(f"{DEFAULT_OUTPUT_ROOT}/models/toy"))
+
+
+def check_toy_values(cfg: Any, environ: typing.Mapping[str, str] | None = None) -> list[str]:
+    """Refuse the toy setup's values where they cannot be meant; return warnings for doubtful sizes.
+
+    Where: a job on a joined cluster (RAY_ADDRESS set, as `ray job submit` sets it) or one asking for GPUs
+    (`scaling.use_gpu`, or a stage's `num_gpus`). What: a `toy` model (a random tiny one: annotation's
+    `world_model.model` defaults to it, so recognition weights would come from a random encoder), the toy corpus
+    (outputs/toy_corpus/...), and on a cluster relative output paths, which land in the job's temporary working
+    directory and are deleted with it. `allow_toy=true` lets them through. A laptop run (neither) is never
+    touched: `make demo`, `make test` and jobs/reproduce.py are the toy setup on purpose.
+    """
+    environ = os.environ if environ is None else environ
+    cluster = environ.get("RAY_ADDRESS") or ""
+    gpu = [key for key, value, _, name in _leaves(cfg) if (name == "use_gpu" and value is True)
+           or (name == "num_gpus" and isinstance(value, float | int) and value > 0)]
+    if not cluster and not gpu:
+        return []
+    where = f"a joined cluster (RAY_ADDRESS={cluster})" if cluster else f"GPUs ({gpu[0]})"
+    problems: list[str] = []
+    warnings: list[str] = []
+    real_model = any(name == "model" and isinstance(owner, IDMConfig | WorldModelConfig) and not _is_toy_model(value)
+                     for _, value, owner, name in _leaves(cfg))
+    for key, value, owner, name in _leaves(cfg):
+        if name == "model" and isinstance(owner, IDMConfig | WorldModelConfig) and _is_toy_model(value):
+            problems.append(f"{key}={value} is a toy model (random tiny weights, or trained on the toy world); set a "
+                            f"Hugging Face id or an s3:// path, e.g. --config configs/real/qwen25vl7b_ip2p.yaml")
+        elif name in DATA_FIELDS and isinstance(value, str) and value.startswith(f"{DEFAULT_OUTPUT_ROOT}/toy_corpus"):
+            problems.append(f"{key}={value} is the toy corpus; point it at your data (s3:// or a shared path)")
+        elif cluster and name in OUTPUT_FIELDS and isinstance(value, str) and "://" not in value \
+                and not Path(value).is_absolute():
+            problems.append(f"{key}={value} is relative, so it lands in the job's temporary working directory and "
+                            f"is lost with it; give an s3:// URI or an absolute path on shared storage")
+        elif name in MIN_REAL_INPUT and isinstance(value, int) and value < MIN_REAL_INPUT[name] and (
+                (isinstance(owner, IDMConfig | WorldModelConfig) and not _is_toy_model(owner.model))
+                or (isinstance(owner, FramesConfig) and real_model)):
+            warnings.append(f"{key}={value} px is below {MIN_REAL_INPUT[name]} px, small for a real model's input "
+                            f"(a toy size?); None uses the model's own size (docs/models.md)")
+    if problems and not getattr(cfg, "allow_toy", False):
+        raise ConfigError(f"toy values on {where}: " + "; ".join(problems)
+                          + ". If you mean them, add allow_toy=true")
+    return warnings
 
 
 def exit_if_unbuilt(needs: Sequence[tuple[str, str | None, str]], hint: str = "") -> None:
@@ -295,7 +566,7 @@ class LoRAConfig:
     alpha: int = 32
     dropout: float = 0.05
     target_modules: list[str] = field(default_factory=list)
-    """Module names to adapt; empty = the model family's usual targets (`default_lora_targets`): the attention
+    """Module names to adapt; empty = the model family's usual targets (`cwm_ray.lora`): the attention
     projections q_proj/k_proj/v_proj/o_proj of a transformers language model (every IDM, Janus's Llama), and
     to_q/to_k/to_v/to_out.0 of a diffusers UNet (InstructPix2Pix). A name the model lacks is an error."""
 
@@ -365,8 +636,9 @@ class WorldModelConfig:
     adapter: str | None = None
     resolution: int | None = None
     """Images are resized to this side for training and sampling; None = the checkpoint's native side
-    (InstructPix2Pix: the UNet's sample_size × the VAE's factor, 256 for timbrooks/instruct-pix2pix; Janus-Pro:
-    its VQ's 384). The toy configs set 64. The token backend always works at its VQ's side."""
+    (InstructPix2Pix: the UNet's sample_size × the VAE's factor, 512 for SD-1.5-based checkpoints such as
+    timbrooks/instruct-pix2pix, though AURORA trains and samples it at 256, as configs/real/ sets; Janus-Pro: its
+    VQ's 384). The toy configs set 64. The token backend always works at its VQ's side."""
     num_inference_steps: int = 10
     guidance_scale: float = 3.0
     """Classifier-free guidance over the action text."""
@@ -484,6 +756,10 @@ class TrainSection:
     """Local directory or s3:// prefix for Ray Train's checkpoints."""
     export: str = "outputs/models/toy"
     """Where the final model directory goes (local or s3://), loadable by path."""
+    overwrite_export: bool = False
+    """Let the export replace a model directory of another kind (an IDM, the other world-model backend, or one
+    whose kind cannot be told). Off, that is an error before training starts: a trained model is never lost to
+    a run that was meant to write elsewhere. Replacing a model of the same kind needs no setting."""
     log_every: int = 25
     eval_every: int = 250
     checkpoint_every: int = 250
@@ -508,6 +784,10 @@ class TrainIDMConfig:
     scaling: ScalingSection = field(default_factory=ScalingSection)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    allow_toy: bool = False
+    """Let a run on a joined cluster (RAY_ADDRESS set) or on GPUs use toy values: a `toy` model, the toy corpus
+    (outputs/toy_corpus/...), relative output paths. Off, `check_toy_values` refuses them there: a random model, or
+    outputs lost with the job's temporary working directory, is never what a cluster run means."""
 
 
 @dataclass
@@ -519,11 +799,25 @@ class TrainWorldModelConfig:
     train: TrainSection = field(
         default_factory=lambda: TrainSection(name="toy_world_model", export="outputs/models/toy_world_model")
     )
+    """`train.name` and `train.export` left at the diffusion toy's (`toy_world_model`) become the backend's own
+    (`toy_token_world_model` for `token`, as configs/train_token_world_model.yaml sets): else switching the backend
+    would resume the other backend's run and replace its model."""
     optim: OptimSection = field(default_factory=OptimSection)
     data: DataSection = field(default_factory=DataSection)
     scaling: ScalingSection = field(default_factory=ScalingSection)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    allow_toy: bool = False
+    """Let a run on a joined cluster (RAY_ADDRESS set) or on GPUs use toy values: a `toy` model, the toy corpus
+    (outputs/toy_corpus/...), relative output paths. Off, `check_toy_values` refuses them there: a random model, or
+    outputs lost with the job's temporary working directory, is never what a cluster run means."""
+
+    def __post_init__(self) -> None:
+        backend = self.world_model.backend
+        if backend != "diffusion":
+            for key, default in (("name", "toy_world_model"), ("export", "outputs/models/toy_world_model")):
+                if getattr(self.train, key) == default:
+                    setattr(self.train, key, default.replace("toy_world_model", f"toy_{backend}_world_model"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -599,10 +893,15 @@ class FilterConfig:
 class CorpusInput:
     """One named corpus; the triplet budget applies per corpus, as in the paper."""
 
-    name: str = "toy"
+    name: str = ""
+    """The corpus's name in the outputs and the budget; empty = taken from `uri` (`corpus_name`), so an
+    unnamed input is never silently called `toy`."""
     uri: str = "outputs/toy_corpus/videos"
     """A directory, a glob (`videos/*.mp4`), a manifest (.csv / .jsonl / .parquet with a `video_uri`
     column and an optional `dataset` column), an s3:// prefix, or webdataset .tar shards of videos."""
+
+    def __post_init__(self) -> None:
+        self.name = self.name or corpus_name(self.uri)
 
 
 @dataclass
@@ -622,7 +921,8 @@ class StageResources:
 class AnnotateConfig:
     """`jobs/annotate.py`: videos → IDM-labelled, recognition-weighted, stratified triplets (Parquet)."""
 
-    inputs: list[CorpusInput] = field(default_factory=lambda: [CorpusInput()])
+    inputs: list[CorpusInput] = field(default_factory=lambda: [CorpusInput(name="toy")])
+    """The corpora, each `{name, uri}`; on the command line `input=PATH` is one corpus named after its path."""
     output: str = f"{DEFAULT_OUTPUT_ROOT}/annotated"
     """Local directory or s3:// prefix; re-running into the same output resumes."""
     video_extensions: list[str] = field(default_factory=lambda: [".mp4", ".avi", ".mov", ".mkv", ".webm"])
@@ -648,6 +948,10 @@ class AnnotateConfig:
     retry_backoff_s: float = 1.0
     fail_once_in: str | None = None
     """Fault injection (tests, bench/): `idm` kills the IDM actor's process once, mid-run."""
+    allow_toy: bool = False
+    """Let a run on a joined cluster (RAY_ADDRESS set) or on GPUs use toy values: a `toy` model, the toy corpus
+    (outputs/toy_corpus/...), relative output paths. Off, `check_toy_values` refuses them there: a random model, or
+    outputs lost with the job's temporary working directory, is never what a cluster run means."""
 
     def __post_init__(self) -> None:
         check_choice("fail_once_in", self.fail_once_in, (None, "idm"))
@@ -690,9 +994,13 @@ class ServeConfig:
     best_of: int = 4
     """Default search width when a request gives none (at least the request's `n`)."""
     api_keys_env: str = "CWM_API_KEYS"
-    """Environment variable with comma-separated bearer keys; unset or empty = open (a warning is logged)."""
+    """Environment variable with comma-separated bearer keys; unset or empty = open: a warning is logged, and on a
+    non-loopback host the app refuses to start unless `allow_open_endpoint`."""
     retries: int = 2
     """Times the ingress re-sends a call whose replica died (sampling is seeded, so a retry is identical)."""
+    allow_open_endpoint: bool = False
+    """Serve with no API keys on a non-loopback host (`http_options.host`, e.g. 0.0.0.0). Off, `build_app` refuses
+    to start such an app: anyone who can reach the node could then run the GPUs."""
     limits: ServeLimits = field(default_factory=ServeLimits)
     storage: StorageConfig = field(default_factory=StorageConfig)
 
@@ -787,6 +1095,10 @@ class EvaluateConfig:
     """Local directory or s3:// prefix: report/index.html, plots, results.json, results.parquet."""
     report_examples: int = 12
     storage: StorageConfig = field(default_factory=StorageConfig)
+    allow_toy: bool = False
+    """Let a run on a joined cluster (RAY_ADDRESS set) or on GPUs use toy values: a `toy` model, the toy corpus
+    (outputs/toy_corpus/...), relative output paths. Off, `check_toy_values` refuses them there: a random model, or
+    outputs lost with the job's temporary working directory, is never what a cluster run means."""
 
 
 @dataclass
@@ -809,6 +1121,10 @@ class EvaluateIDMConfig:
     output: str = f"{DEFAULT_OUTPUT_ROOT}/eval_idm"
     """Local directory or s3:// prefix: results.json (rates overall and per task) and rows.jsonl."""
     storage: StorageConfig = field(default_factory=StorageConfig)
+    allow_toy: bool = False
+    """Let a run on a joined cluster (RAY_ADDRESS set) or on GPUs use toy values: a `toy` model, the toy corpus
+    (outputs/toy_corpus/...), relative output paths. Off, `check_toy_values` refuses them there: a random model, or
+    outputs lost with the job's temporary working directory, is never what a cluster run means."""
 
 
 @dataclass
@@ -832,3 +1148,7 @@ class ReproduceConfig:
     world_model_overrides: list[str] = field(default_factory=list)
     evaluate_overrides: list[str] = field(default_factory=lambda: ["max_items=20"])
     """Default: 20 test items per action kind (100 items), judged for every row and N."""
+    allow_toy: bool = False
+    """Let a run on a joined cluster (RAY_ADDRESS set) or on GPUs use toy values: a `toy` model, the toy corpus
+    (outputs/toy_corpus/...), relative output paths. Off, `check_toy_values` refuses them there: a random model, or
+    outputs lost with the job's temporary working directory, is never what a cluster run means."""

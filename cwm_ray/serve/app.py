@@ -12,6 +12,9 @@ cluster operator tunes them without touching Python.
 # No `from __future__ import annotations`: FastAPI reads the route signatures at runtime (a string
 # annotation on a Serve ingress method is not resolved, and the JSON body would become a query parameter).
 import dataclasses
+import ipaddress
+import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -89,9 +92,53 @@ def serve_config(args: dict[str, Any] | None) -> ServeConfig:
     return from_dict(ServeConfig, args, source="serve application args", config_file=profile)
 
 
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name other than localhost: assume it is reachable from elsewhere
+        return False
+
+
+def check_open_endpoint(cfg: ServeConfig, host: str | None, environ: Mapping[str, str] | None = None) -> None:
+    """Refuse an app bound beyond loopback with no API keys, unless `allow_open_endpoint` says it is meant.
+
+    Why here: `build_app` runs in Serve's build task, whose environment is the app's `runtime_env` (the one the
+    replicas get), so an empty key variable here is an open endpoint there. Before, it was a log warning that a
+    cluster operator was unlikely to read, and `http_options.host: 0.0.0.0` exposed the GPUs to anyone.
+    """
+    environ = os.environ if environ is None else environ
+    if host is None or is_loopback(host) or cfg.allow_open_endpoint:
+        return
+    if any(k.strip() for k in environ.get(cfg.api_keys_env, "").split(",")):
+        return
+    raise ConfigError(f"http_options.host is {host}, reachable from other machines, and ${cfg.api_keys_env} is empty "
+                      f"in the replicas' environment: set it (e.g. the app's runtime_env.env_vars.{cfg.api_keys_env}, "
+                      f"or the Secret in cluster/kuberay/rayservice.yaml), bind 127.0.0.1, or set "
+                      f"args.allow_open_endpoint: true to serve an open endpoint on purpose")
+
+
+def serve_http_host() -> str | None:
+    """The host Serve's HTTP proxies bind (`http_options.host`), from the running Serve controller; None when
+    there is none to ask (e.g. `build_app` called outside Ray, as tests do)."""
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    try:
+        from ray.serve.context import _get_global_client  # Serve keeps no public getter for http_options
+
+        client = _get_global_client(raise_if_no_controller_running=False)
+        return None if client is None else client.http_config.host
+    except Exception:  # noqa: BLE001 (an unknown host skips the check; the Ingress still warns when open)
+        return None
+
+
 def build_app(args: dict[str, Any] | None = None) -> Application:
     """The application graph: Ingress → (WorldModel, Verifier). Called by `serve run` / `serve deploy`."""
     cfg = _resolved(serve_config(args))
+    check_open_endpoint(cfg, serve_http_host())
     largest = cfg.limits.max_best_of
     world_model = WorldModelDeployment.bind(to_dict(cfg.world_model), largest)
     verifier = VerifierDeployment.bind(to_dict(cfg.idm), largest)

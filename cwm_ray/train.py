@@ -45,6 +45,8 @@ MANIFEST = "manifest.rank{rank}.json"
 ENGINE_TAG = "engine"
 DDP_STATE = "ddp_state.pt"
 RNG_STATE = "rng.rank{rank}.pt"
+MODEL_INFO = "cwm_ray_model.json"
+"""In every checkpoint's `model/` and so in every export: `model_info` of the job that wrote it."""
 
 
 def build_model(cfg: TrainConfig) -> Any:
@@ -56,6 +58,109 @@ def build_model(cfg: TrainConfig) -> Any:
     from cwm_ray.world_model import load_world_model
 
     return load_world_model(cfg.world_model, cfg.recognition)
+
+
+def model_info(cfg: TrainConfig) -> dict[str, Any]:
+    """The kind of model this job trains, and a fingerprint of the settings that decide its state-dict layout.
+
+    A checkpoint of another layout cannot be resumed (torch fails deep inside a worker with "Error(s) in loading
+    state_dict"), and an export must not silently replace a model of another kind. The layout is the base model,
+    the backend, LoRA on or off (with its rank and targets) and which weights train (the optimizer's state follows
+    them); the optimizer's settings are left out, as a resume may change them.
+    """
+    if isinstance(cfg, TrainIDMConfig):
+        m: Any = cfg.idm
+        kind, backend, layout = "idm", None, {"model": m.model, "adapter": m.adapter}
+    else:
+        m = cfg.world_model
+        kind, backend, layout = "world_model", m.backend, {"backend": m.backend, "model": m.model, "adapter": m.adapter}
+        if m.backend == "diffusion":
+            layout["train_text_encoder"] = m.train_text_encoder and not m.lora.enabled
+    layout["lora"] = {"r": m.lora.r, "target_modules": sorted(m.lora.target_modules)} if m.lora.enabled else None
+    fingerprint = hashlib.sha256(json.dumps(layout, sort_keys=True).encode()).hexdigest()[:16]
+    return {"kind": kind, "backend": backend, "fingerprint": fingerprint, "layout": layout}
+
+
+def kind_name(info: dict[str, Any]) -> str:
+    if info.get("kind") == "idm":
+        return "IDM"
+    if info.get("kind") == "world_model":
+        return f"{info.get('backend')} world model"
+    return "model of unknown kind"
+
+
+def _same_kind(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return (a.get("kind"), a.get("backend")) == (b.get("kind"), b.get("backend"))
+
+
+def stored_model_info(directory: str) -> dict[str, Any] | None:
+    """The kind of the model in `directory` (local or s3://); None when there is none (missing or empty).
+
+    Its MODEL_INFO when there is one; else (a model exported before MODEL_INFO existed, or from elsewhere) told
+    from the files each kind saves, and `{"kind": "unknown"}` when they do not tell.
+    """
+    if not storage.exists(directory):
+        return None
+    info_file = storage.join(directory, MODEL_INFO)
+    if storage.exists(info_file):
+        return storage.read_json(info_file)
+    prefix = directory.rstrip("/") + "/"
+    files = {f[len(prefix):] if f.startswith(prefix) else f for f in storage.list_files(directory)}
+    if not files:
+        return None
+    if "model_index.json" in files or "pytorch_lora_weights.safetensors" in files \
+            or any(f.startswith("unet/") for f in files):
+        return {"kind": "world_model", "backend": "diffusion"}
+    if "config.json" in files:
+        model_type = str(storage.read_json(storage.join(directory, "config.json")).get("model_type", ""))
+        return {"kind": "world_model", "backend": "token"} if "janus" in model_type else {"kind": "idm"}
+    if "adapter_config.json" in files:  # only the token backend exports a bare adapter (the IDM's is merged)
+        return {"kind": "world_model", "backend": "token"}
+    return {"kind": "unknown"}
+
+
+def check_run_kind(cfg: TrainConfig, info: dict[str, Any]) -> None:
+    """Refuse, in the driver, to resume a run whose checkpoints hold another kind or layout of model.
+
+    Ray Train resumes a run of the same name from its latest checkpoint whatever the config says; loading another
+    model's state fails inside a worker with torch's bare state-dict error, after the cluster has started.
+    """
+    run_dir = storage.join(cfg.train.storage_path, cfg.train.name)
+    if not storage.is_dir(run_dir):
+        return
+    prefix = run_dir.rstrip("/") + "/"
+    for state_file in storage.list_files(run_dir):
+        rel = state_file[len(prefix):] if state_file.startswith(prefix) else state_file
+        parts = rel.split("/")
+        if len(parts) != 2 or parts[1] != STATE_FILE:
+            continue
+        checkpoint = storage.join(run_dir, parts[0])
+        try:
+            saved = storage.read_json(state_file).get("model") or stored_model_info(storage.join(checkpoint,
+                                                                                                 MODEL_DIR))
+        except ValueError:
+            continue  # a corrupt checkpoint: `verify_checkpoint` refuses it with its own message
+        if not saved or saved.get("kind") == "unknown":
+            continue
+        if _same_kind(saved, info) and saved.get("fingerprint", info["fingerprint"]) == info["fingerprint"]:
+            continue
+        what = kind_name(saved) + (f" {saved['layout']}" if "layout" in saved else "")
+        raise ValueError(
+            f"run directory {run_dir} holds a checkpoint of a {what} ({checkpoint}), but this job trains a "
+            f"{kind_name(info)} {info['layout']}: a resume could not load it. Start a new run with "
+            f"train.name=<new name>, or delete {run_dir} to start this one over."
+        )
+
+
+def check_export(cfg: TrainConfig, info: dict[str, Any]) -> None:
+    """Refuse, before training, an export that would replace a model of another kind (`train.overwrite_export`)."""
+    existing = stored_model_info(cfg.train.export)
+    if existing is None or _same_kind(existing, info) or cfg.train.overwrite_export:
+        return
+    raise ValueError(
+        f"train.export={cfg.train.export} holds a {kind_name(existing)}, which this job's {kind_name(info)} would "
+        f"replace: export elsewhere with train.export=<directory>, or set train.overwrite_export=true to replace it."
+    )
 
 
 def _seed_everything(seed: int) -> None:
@@ -246,6 +351,7 @@ def _checkpoint(engine: _Engine, model: Any, state: dict[str, Any], metrics: dic
         torch.save(_rng_state(), os.path.join(tmp, RNG_STATE.format(rank=rank)))
         if rank == 0:
             model.save(os.path.join(tmp, MODEL_DIR))
+            Path(tmp, MODEL_DIR, MODEL_INFO).write_text(json.dumps(state["model"]))
             Path(tmp, STATE_FILE).write_text(json.dumps(state | {"world_size": ctx.get_world_size()}, default=str))
         manifest = {str(f.relative_to(tmp)): [f.stat().st_size, _sha256(f)]
                     for f in sorted(Path(tmp).rglob("*")) if f.is_file()}
@@ -326,7 +432,7 @@ def train_func(config: dict[str, Any]) -> None:
     engine = _make_engine(cfg, module, device)
 
     # restore
-    state: dict[str, Any] = {"step": 0, "history": [], "resumed_from": []}
+    state: dict[str, Any] = {"step": 0, "history": [], "resumed_from": [], "model": model_info(cfg)}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
@@ -337,6 +443,7 @@ def train_func(config: dict[str, Any]) -> None:
             if rng.exists():  # absent when resuming on more workers than wrote it: those ranks keep their seed
                 _set_rng_state(torch.load(rng, weights_only=True))
         state["resumed_from"].append(state["step"])
+        state["model"] = model_info(cfg)  # a checkpoint written before MODEL_INFO has none; the driver checked it
         if rank == 0:
             print(f"[train] resumed from checkpoint at step {state['step']}", flush=True)
     step = state["step"]
@@ -445,6 +552,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         cfg = dataclasses.replace(cfg, idm=storage.with_local_paths(cfg.idm))
     else:
         cfg = dataclasses.replace(cfg, world_model=storage.with_local_paths(cfg.world_model))
+    info = model_info(cfg)
+    check_run_kind(cfg, info)
+    check_export(cfg, info)
     started_here = not ray.is_initialized()
     if started_here:
         ray.init(runtime_env={"env_vars": {"RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}})

@@ -300,3 +300,98 @@ def test_ddp_resume_after_a_worker_dies_ends_with_the_uninterrupted_weights(ray_
         for k in a:
             torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=f"{name}:{k}")
     assert [m["loss"] for m in killed["history"]] == pytest.approx([m["loss"] for m in plain["history"]], rel=1e-5)
+
+
+def test_the_token_backend_gets_its_own_run_and_export_by_default() -> None:
+    """`jobs/train_world_model.py world_model.backend=token` used to resume the diffusion run `toy_world_model`
+    (a state-dict error in a worker) and, renamed, to export over the diffusion model."""
+    yaml = Path(__file__).resolve().parents[1] / "configs" / "train_world_model.yaml"
+    diffusion = load(TrainWorldModelConfig, yaml)
+    assert (diffusion.train.name, diffusion.train.export) == ("toy_world_model", "outputs/models/toy_world_model")
+    for layers in ([yaml], [], [yaml.with_name("train_token_world_model.yaml")]):
+        token = load(TrainWorldModelConfig, layers or None, ["world_model.backend=token"])
+        assert (token.train.name, token.train.export) == ("toy_token_world_model",
+                                                          "outputs/models/toy_token_world_model")
+    mine = load(TrainWorldModelConfig, yaml, ["world_model.backend=token", "train.name=mine", "train.export=/x/y"])
+    assert (mine.train.name, mine.train.export) == ("mine", "/x/y")
+
+
+def test_model_info_fingerprints_the_state_dict_layout_not_the_optimizer() -> None:
+    from cwm_ray.train import model_info
+
+    def info(*overrides: str) -> dict:
+        return model_info(load(TrainWorldModelConfig, None, list(overrides)))
+
+    base = info()
+    assert base["kind"] == "world_model" and base["backend"] == "diffusion"
+    assert info("optim.lr=0.5", "optim.max_steps=7", "world_model.lora.alpha=3")["fingerprint"] == base["fingerprint"]
+    for other in (["world_model.backend=token"], ["world_model.lora.enabled=true"], ["world_model.model=/m"],
+                  ["world_model.train_text_encoder=true"]):
+        assert info(*other)["fingerprint"] != base["fingerprint"], other
+    idm = model_info(load(TrainIDMConfig, None, []))
+    assert idm["kind"] == "idm" and idm["backend"] is None
+
+
+class _WorkersStarted(Exception):
+    """Raised by a stand-in TorchTrainer: the driver got past its checks."""
+
+
+def test_a_run_or_export_of_another_kind_is_refused_in_the_driver(ray_local: None, gold: str, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Resuming a run of another backend or layout, or exporting over a model of another kind, is a clear error
+    naming the run directory or export and the fix, before any worker starts."""
+    import json
+    import re
+
+    from cwm_ray import train as train_mod
+    from cwm_ray.train import MODEL_INFO, stored_model_info, train
+    from cwm_ray.world_model import build_toy_world_model
+
+    model_dir = tmp_path / "tiny_wm"
+    build_toy_world_model(str(model_dir), resolution=16, block_out_channels=(8, 16), patch_size=1,
+                          text_hidden_size=16)
+    runs = tmp_path / "runs"
+    args = [f"world_model.model={model_dir}", "world_model.resolution=16", "train.name=wm", "train.max_failures=0",
+            "train.checkpoint_every=2", *_common(tmp_path, gold, str(runs), **{"scaling.num_workers": 1})]
+    first = train(load(TrainWorldModelConfig, None, [*args, "optim.max_steps=2"]))
+    export = Path(first["export"])
+    assert json.loads((export / MODEL_INFO).read_text())["backend"] == "diffusion"
+    assert stored_model_info(str(export))["kind"] == "world_model"
+
+    def no_workers(*a: object, **k: object) -> None:
+        raise _WorkersStarted
+
+    monkeypatch.setattr(train_mod, "TorchTrainer", no_workers)
+    with pytest.raises(_WorkersStarted):  # the same model resumes (with another learning rate)
+        train(load(TrainWorldModelConfig, None, [*args, "optim.max_steps=4", "optim.lr=0.5"]))
+    run_dir = re.escape(str(runs / "wm"))
+    for other in (["world_model.backend=token", "world_model.model=toy", "train.overwrite_export=true"],
+                  ["world_model.lora.enabled=true"]):
+        with pytest.raises(ValueError, match=rf"run directory {run_dir} .*train\.name=<new name>.*delete {run_dir}"):
+            train(load(TrainWorldModelConfig, None, [*args, "optim.max_steps=4", *other]))
+    # A checkpoint written before checkpoints recorded their kind: told from its model's files.
+    for state_file in runs.glob("wm/*/state.json"):
+        state = json.loads(state_file.read_text())
+        state.pop("model", None)
+        state_file.write_text(json.dumps(state))
+        (state_file.parent / "model" / MODEL_INFO).unlink(missing_ok=True)
+    with pytest.raises(ValueError, match=rf"run directory {run_dir} holds a checkpoint of a diffusion world model"):
+        train(load(TrainWorldModelConfig, None, [*args, "world_model.backend=token", "world_model.model=toy",
+                                                 "train.overwrite_export=true"]))
+
+    # A new run exports over the diffusion model: refused for the token backend or an IDM, unless asked for.
+    token = [*args, "train.name=token", "world_model.backend=token", "world_model.model=toy"]
+    with pytest.raises(ValueError, match=rf"train\.export={re.escape(str(export))} holds a diffusion world model.*"
+                                         r"train\.overwrite_export=true"):
+        train(load(TrainWorldModelConfig, None, token))
+    with pytest.raises(ValueError, match="holds a diffusion world model"):
+        train(load(TrainIDMConfig, None, [f"train.export={export}", f"train.storage_path={runs}",
+                                          f"data.sources=[{{uri: {gold}}}]"]))
+    (export / MODEL_INFO).unlink()  # an export from before MODEL_INFO: told from its files
+    assert stored_model_info(str(export)) == {"kind": "world_model", "backend": "diffusion"}
+    with pytest.raises(ValueError, match="holds a diffusion world model"):
+        train(load(TrainWorldModelConfig, None, token))
+    with pytest.raises(_WorkersStarted):
+        train(load(TrainWorldModelConfig, None, [*token, "train.overwrite_export=true"]))
+    with pytest.raises(_WorkersStarted):  # the same kind replaces its own export freely
+        train(load(TrainWorldModelConfig, None, [*args, "train.name=again"]))

@@ -426,7 +426,7 @@ def build_toy_idm(
 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     """A fresh random tiny LLaVA over the toy world's word vocabulary (`IDMConfig(model="toy")`).
 
-    Chosen by measurement on 2 CPU cores (see the README's toy numbers): patch 8 on 64 px frames, so one
+    Chosen by measurement on 2 CPU cores (see docs/experiments.md): patch 8 on 64 px frames, so one
     patch is one cell of the board; pixels centred on the board's colour; `tubelet=True` gives the CLIP
     tower 6 input channels so each token sees a cell before *and* after, and the 4-layer Llama (hidden
     128) only has to find and name the changed cells; `reach=2` widens each token to the cross of cells

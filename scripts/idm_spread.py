@@ -5,7 +5,7 @@ fix the order in which the workers see the data, so one run of it says little ab
 the job's model (`configs/train_idm.yaml` and any `key=value` overrides of it) in a plain loop, no Ray,
 once per data order, with the job's optimizer, schedule, batch, CPU autocast and initialisation, and prints
 one JSON line per order: the share of the bench's pairs whose generated action explains them
-(`jobs/evaluate_idm.py`'s figure). The README's warm-up table was made with this loop (six orders per
+(`jobs/evaluate_idm.py`'s figure). The warm-up table in docs/experiments.md was made with this loop (six orders per
 setting, on a lent GPU):
 
     python scripts/idm_spread.py orders=3 parallel=2 optim.warmup_steps=300     # 2 CPU cores: ~15 min

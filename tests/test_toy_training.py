@@ -3,7 +3,7 @@
     make test-slow     # or: .venv/bin/pytest -m slow
 
 Trains the toy IDM and world model exactly as `jobs/train_*.py` do with no arguments (only the output
-paths move to a temporary directory), then checks the targets the README reports: the IDM's actions
+paths move to a temporary directory), then checks the targets docs/experiments.md reports: the IDM's actions
 explain the test pairs, the world model beats copying the source on the toy judge, and annotation
 with the trained IDM keeps triplets whose actions explain their frames.
 """

@@ -1,7 +1,7 @@
 """IDM accuracy: how often the inverse dynamics model names the action a frame pair shows.
 
 The paper's bootstrap stands on the IDM's labels (§Strategy 1), so its accuracy is the first number to
-check; this is how the README's IDM figures are measured, from a command rather than a notebook.
+check; this is how the IDM figures in docs/experiments.md are measured, from a command rather than a notebook.
 
 Two sources of (source, target, action) rows, one scoring:
 - `bench`: an AURORA-format test set; the IDM labels each pair (greedy, as annotation does) and its action

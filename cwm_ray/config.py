@@ -1141,7 +1141,8 @@ class ReproduceConfig:
     synthetic_weight: float = 1.0
     """Sampling weight of the IDM-annotated triplets beside the gold set (rows b and c)."""
     reuse: bool = True
-    """Skip a stage whose output is already complete (a re-run after a crash continues)."""
+    """Skip a stage finished under the same fingerprint (its resolved config and its inputs' fingerprints, kept in
+    `stages/` under `output`) and resume one that crashed; false redoes every stage from nothing."""
     corpus_overrides: list[str] = field(default_factory=list)
     idm_overrides: list[str] = field(default_factory=list)
     annotate_overrides: list[str] = field(default_factory=list)

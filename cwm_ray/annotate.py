@@ -24,11 +24,11 @@ import fnmatch
 import glob as globlib
 import hashlib
 import io
+import json
 import os
 import tarfile
 import time
 import uuid
-from collections import Counter
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -45,7 +45,7 @@ from ray.data.datasource import FilenameProvider
 from cwm_ray import storage
 from cwm_ray.config import AnnotateConfig, StageResources
 from cwm_ray.data import actor_stage
-from cwm_ray.filtering import action_class, select
+from cwm_ray.filtering import action_class, stratified_top_k_mask
 from cwm_ray.schema import ERROR_SCHEMA, LABEL_FIELDS, PAIR_FIELDS, WEIGHT_FIELDS, encode_image, pair_id
 from cwm_ray.video import VideoError, choose_pairs, iter_frames
 
@@ -401,74 +401,196 @@ def _write_table(table: pa.Table, uri: str, cfg: AnnotateConfig) -> None:
     storage.write_bytes(uri, buf.getvalue(), cfg.storage)
 
 
+SELECTION = "_selection"
+"""output/_selection/: per staging file, the ids finalize takes from it and which are kept; removed when done."""
+
+
+def finished_mask(index: pa.Table) -> pa.ChunkedArray:
+    """Per staged row: is its video finished? `finished_videos` as Arrow group-bys, for finalize at scale.
+
+    A video is finished when it has a permanent error row, or as many distinct pair ids as it produced
+    (`video_pairs`); a transient error row finishes nothing.
+    """
+    ok = pc.is_null(index.column("error_type"))
+    permanent = pc.and_(pc.invert(ok), pc.invert(pc.fill_null(index.column("transient"), False)))
+    pairs = index.filter(ok).group_by("video_uri", use_threads=False).aggregate(
+        [("id", "count_distinct"), ("video_pairs", "max")])
+    complete = pairs.filter(pc.greater_equal(pairs.column("id_count_distinct"), pairs.column("video_pairs_max")))
+    done = pa.concat_arrays([complete.column("video_uri").combine_chunks().cast(pa.string()),
+                             index.filter(permanent).column("video_uri").combine_chunks().cast(pa.string())])
+    return pc.is_in(index.column("video_uri"), value_set=pc.unique(done))
+
+
+def _unique_rows(index: pa.Table) -> tuple[pa.Table, int]:
+    """The staged rows finalize writes, each id once, and how many videos are finished.
+
+    A finished video's rows, without the transient error rows of earlier runs that failed to read it; an
+    unfinished video's transient error row, so the failure is reported (it is retried, not forgotten). Of
+    duplicate ids (a video redone after a crash; the copies are identical) the first staged row is kept.
+    """
+    finished = finished_mask(index)
+    wanted = pc.not_equal(finished, pc.fill_null(index.column("transient"), False))
+    rows = pa.table({"id": index.column("id"), "row": pa.array(np.arange(index.num_rows))}).filter(wanted)
+    first = rows.group_by("id", use_threads=False).aggregate([("row", "min")]).column("row_min").to_numpy()
+    videos_done = pc.count_distinct(index.filter(finished).column("video_uri")).as_py()
+    return index.take(pa.array(np.sort(first))), videos_done
+
+
+def _selection_uri(cfg: AnnotateConfig, path: str) -> str:
+    """Where the selection of the staging file at `path` (its path inside its filesystem, as Ray Data
+    reports it in `path`) is written: named by a hash of the path, so a task finds it from the row alone."""
+    return storage.join(cfg.output, SELECTION, hashlib.sha1(path.encode()).hexdigest()[:20] + ".parquet")
+
+
+def _write_selection(pairs: pa.Table, cfg: AnnotateConfig) -> list[str]:
+    """One small Parquet file of (id, kept) per staging file; returns the staging paths that have one.
+
+    This is how finalize's decisions reach the Ray Data tasks that copy pairs (with their images) out of
+    staging: each task reads the selection of the file its block came from, a file's worth of ids, instead
+    of a set of every kept id shipped inside its closure.
+    """
+    by_file = pairs.select(["_file", "id", "kept"])
+    by_file = by_file.take(pc.sort_indices(by_file, [("_file", "ascending"), ("id", "ascending")]))
+    if by_file.num_rows == 0:
+        return []
+    files = by_file.column("_file").combine_chunks()
+    starts = np.flatnonzero(np.r_[True, pc.not_equal(files[1:], files[:-1]).to_numpy(zero_copy_only=False)])
+    paths = []
+    for start, end in zip(starts, [*starts[1:], len(files)], strict=True):
+        path = storage.filesystem(files[int(start)].as_py(), cfg.storage)[1]
+        part = by_file.slice(int(start), int(end - start)).select(["id", "kept"])
+        _write_table(part, _selection_uri(cfg, path), cfg)
+        paths.append(path)
+    return paths
+
+
+_SELECTIONS: dict[str, pa.Table] = {}
+
+
+def _read_selection(uri: str, cfg: AnnotateConfig) -> pa.Table:
+    """A staging file's selection, kept for the next few blocks of the same file (one read per file, mostly)."""
+    if uri not in _SELECTIONS:
+        if len(_SELECTIONS) >= 8:
+            _SELECTIONS.pop(next(iter(_SELECTIONS)))
+        try:
+            _SELECTIONS[uri] = pq.read_table(io.BytesIO(storage.read_bytes(uri, cfg.storage)))
+        except FileNotFoundError as exc:  # never drop rows silently: a missing selection is a bug
+            raise RuntimeError(f"finalize: no selection {uri} for a staged block") from exc
+    return _SELECTIONS[uri]
+
+
+def select_staged(batch: pa.Table, cfg: AnnotateConfig, triplets: bool) -> pa.Table:
+    """A staged block → its rows that finalize selected (`triplets`: only the kept ones), as OUTPUT_COLUMNS.
+
+    A lookup join against the selection of the block's file (Ray Data reports the file in `path`): a row
+    is taken when its id is in that selection, so of duplicate ids only the copy in the chosen file is.
+    """
+    parts = []
+    for path in pc.unique(batch.column("path")).to_pylist():
+        part = batch.filter(pc.equal(batch.column("path"), path))
+        sel = _read_selection(_selection_uri(cfg, path), cfg)
+        at = pc.index_in(part.column("id"), value_set=sel.column("id"))
+        keep = pc.is_valid(at)
+        if triplets:
+            keep = pc.and_(keep, pc.fill_null(pc.take(sel.column("kept"), at), False))
+        parts.append(part.filter(keep).select(OUTPUT_COLUMNS))
+    if not parts:
+        return pa.table({c: pa.array([], STAGING_SCHEMA.field(c).type) for c in OUTPUT_COLUMNS})
+    return pa.concat_tables(parts)
+
+
+def _corpora(pairs: pa.Table, kept: pa.BooleanArray) -> dict[str, Any]:
+    """summary.json's per-corpus counts: pairs, triplets and triplets per action class (Arrow group-bys)."""
+    per_corpus: dict[str, Any] = {}
+    for row in pairs.group_by("dataset").aggregate([("id", "count")]).to_pylist():
+        per_corpus[row["dataset"]] = {"pairs": row["id_count"], "triplets": 0, "classes": {}}
+    chosen = pairs.filter(kept).group_by(["dataset", "action_class"]).aggregate([("id", "count")])
+    for row in chosen.to_pylist():
+        c = per_corpus[row["dataset"]]
+        c["triplets"] += row["id_count"]
+        c["classes"][row["action_class"]] = row["id_count"]
+    return dict(sorted(per_corpus.items()))
+
+
+def _counts(column: pa.ChunkedArray) -> dict[str, int]:
+    return {str(v["values"]): int(v["counts"]) for v in pc.value_counts(column).to_pylist()}
+
+
 def finalize(cfg: AnnotateConfig, index: pa.Table, files: list[str]) -> dict[str, Any]:
-    """Rebuild pairs/, triplets/, errors/, the AURORA export and summary.json from staging."""
-    done = finished_videos(index)
-    transient = pc.fill_null(index.column("transient"), False).to_pylist()
-    ids, row_files, vids = (index.column(c).to_pylist() for c in ("id", "_file", "video_uri"))
-    # A finished video's rows, without the transient error rows of earlier runs that failed to read it; an
-    # unfinished video's transient error row, so the failure is reported (it is retried, not forgotten).
-    wanted = [(vid in done) != t for vid, t in zip(vids, transient, strict=True)]
-    # One row per id (duplicates only come from a video redone after a crash; they are identical).
-    first: dict[str, str] = {}
-    for rid, f, w in zip(ids, row_files, wanted, strict=True):
-        if w:
-            first.setdefault(rid, f)
-    is_err = pc.invert(pc.is_null(index.column("error_type"))).to_pylist()
-    keep_rows = [i for i, (rid, f, w) in enumerate(zip(ids, row_files, wanted, strict=True))
-                 if w and first[rid] == f]
-    unique = index.take(pa.array(keep_rows, pa.int64()))
-    is_err = [is_err[i] for i in keep_rows]
-    pairs_idx = unique.filter(pa.array([not e for e in is_err]))
-    all_errors = unique.filter(pa.array(is_err)).select(["video_uri", "stage", "error_type", "message", "transient"])
+    """Rebuild pairs/, triplets/, errors/, the AURORA export and summary.json from staging.
+
+    Dedupe and selection are Arrow compute over the index (no images, no Python object per row); the pairs
+    themselves only pass through Ray Data tasks, which find what to keep in per-file selections. So the
+    driver's memory grows with the index's columns, and nothing of the corpus's size rides in a closure.
+    """
+    unique, videos_done = _unique_rows(index)
+    is_err = pc.invert(pc.is_null(unique.column("error_type")))
+    pairs_idx = unique.filter(pc.invert(is_err))
+    all_errors = unique.filter(is_err).select(["video_uri", "stage", "error_type", "message", "transient"])
     all_errors = all_errors.set_column(4, "transient", pc.fill_null(all_errors.column("transient"), False))
     errors = all_errors.filter(pc.invert(all_errors.column("transient")))
     retry = all_errors.filter(all_errors.column("transient"))
-    kept = select(pairs_idx.select(["id", "dataset", "action_class", "logprob", "num_tokens"]).to_pylist(),
-                  cfg.filter)
+    kept = stratified_top_k_mask(pairs_idx, cfg.filter)
+    pairs_idx = pairs_idx.append_column("kept", kept)
 
     errors_dir = storage.join(cfg.output, "errors")
     storage.delete(errors_dir, cfg.storage)
     _write_table(all_errors.cast(ERRORS_SCHEMA), storage.join(errors_dir, "errors.parquet"), cfg)
 
-    pair_keys = {(rid, first[rid]) for rid in pairs_idx.column("id").to_pylist()}
+    selection = storage.join(cfg.output, SELECTION)
+    storage.delete(selection, cfg.storage)
+    paths = _write_selection(pairs_idx, cfg) if files else []
     fs, _ = storage.filesystem(cfg.output, cfg.storage)
-    paths = [storage.filesystem(f, cfg.storage)[1] for f in files]
-    if paths and pair_keys:
+    if paths:
         staged = ray.data.read_parquet(paths, filesystem=fs, include_paths=True, columns=OUTPUT_COLUMNS,
                                        schema=pa.schema([STAGING_SCHEMA.field(c) for c in OUTPUT_COLUMNS]))
-        prefix = "s3://" if storage.is_s3(cfg.output) else ""
-
-        def unique_rows(t: pa.Table) -> pa.Table:
-            mask = [(rid, prefix + p) in pair_keys for rid, p in zip(t.column("id").to_pylist(),
-                                                                       t.column("path").to_pylist(), strict=True)]
-            return t.filter(pa.array(mask, pa.bool_())).select(OUTPUT_COLUMNS)
-
-        pairs_ds = staged.map_batches(unique_rows, batch_format="pyarrow", num_cpus=0.25).materialize()
-        for name, ds in (("pairs", pairs_ds),
-                         ("triplets", pairs_ds.filter(lambda r: r["id"] in kept, num_cpus=0.25))):
+        for name, triplets in (("pairs", False), ("triplets", True)):
             out = storage.join(cfg.output, name)
             storage.delete(out, cfg.storage)
-            ds.write_parquet(storage.filesystem(out, cfg.storage)[1], filesystem=fs)
+            staged.map_batches(select_staged, fn_kwargs={"cfg": cfg, "triplets": triplets}, batch_size=None,
+                               batch_format="pyarrow", num_cpus=0.25
+                               ).write_parquet(storage.filesystem(out, cfg.storage)[1], filesystem=fs)
         if cfg.export_aurora:
-            export_aurora(pairs_ds.filter(lambda r: r["id"] in kept, num_cpus=0.25), cfg)
+            triplets_dir = storage.join(cfg.output, "triplets")
+            has_triplets = storage.exists(triplets_dir, cfg.storage) and storage.list_files(
+                triplets_dir, (".parquet",), cfg.storage)
+            export_aurora(ray.data.read_parquet(storage.filesystem(triplets_dir, cfg.storage)[1], filesystem=fs)
+                          if has_triplets else None, cfg)
+    storage.delete(selection, cfg.storage)
 
-    per_corpus: dict[str, Any] = {}
-    for row in pairs_idx.select(["dataset", "action_class", "id"]).to_pylist():
-        c = per_corpus.setdefault(row["dataset"], {"pairs": 0, "triplets": 0, "classes": Counter()})
-        c["pairs"] += 1
-        if row["id"] in kept:
-            c["triplets"] += 1
-            c["classes"][row["action_class"]] += 1
-    return {"videos_done": len(done), "pairs": pairs_idx.num_rows, "triplets": len(kept),
-            "errors": errors.num_rows, "error_types": dict(Counter(errors.column("error_type").to_pylist())),
-            "transient_errors": retry.num_rows,
-            "transient_error_types": dict(Counter(retry.column("error_type").to_pylist())),
-            "corpora": {k: v | {"classes": dict(v["classes"])} for k, v in sorted(per_corpus.items())}}
+    return {"videos_done": videos_done, "pairs": pairs_idx.num_rows, "triplets": pc.sum(kept).as_py() or 0,
+            "errors": errors.num_rows, "error_types": _counts(errors.column("error_type")),
+            "transient_errors": retry.num_rows, "transient_error_types": _counts(retry.column("error_type")),
+            "corpora": _corpora(pairs_idx, kept)}
 
 
-def export_aurora(triplets: Any, cfg: AnnotateConfig) -> None:
-    """Triplets as AURORA format ({input, output, instruction, ...} + PNGs), which the trainers read."""
+def _write_items(uri: str, batches: Any, cfg: AnnotateConfig) -> None:
+    """Stream JSON items, batch by batch, into the list `storage.write_json` would write (indent 1).
+
+    Readers never see half a file: a local file is written beside and renamed, an S3 object (a multipart
+    upload) appears when the stream closes.
+    """
+    fs, path = storage.filesystem(uri, cfg.storage)
+    tmp = path if storage.is_s3(uri) else f"{path}.{uuid.uuid4().hex[:8]}.tmp"
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(tmp) as f:
+        f.write(b"[")
+        sep = b"\n"
+        for batch in batches:
+            for item in batch:
+                f.write(sep + (" " + json.dumps(item, indent=1).replace("\n", "\n ")).encode())
+                sep = b",\n"
+        f.write(b"\n]\n" if sep != b"\n" else b"]\n")
+    if tmp != path:
+        fs.move(tmp, path)
+
+
+def export_aurora(triplets: ray.data.Dataset | None, cfg: AnnotateConfig) -> None:
+    """Triplets as AURORA format ({input, output, instruction, ...} + PNGs), which the trainers read.
+
+    Ray Data tasks write the images; train.json is sorted by id in Ray Data and streamed into the file,
+    so neither the images nor the list of items is ever gathered in the driver.
+    """
     base = storage.join(cfg.output, "aurora")
     scfg = cfg.storage
 
@@ -479,11 +601,15 @@ def export_aurora(triplets: Any, cfg: AnnotateConfig) -> None:
         return {"id": batch["id"], "action": batch["action"], "dataset": batch["dataset"],
                 "video_uri": batch["video_uri"], "action_class": batch["action_class"], "logprob": batch["logprob"]}
 
-    rows = triplets.map_batches(write_images, batch_format="numpy", num_cpus=0.25).take_all()
-    items = [{"input": f"images/{r['id']}_src.png", "output": f"images/{r['id']}_tgt.png",
-              "instruction": r["action"], "task": r["action_class"], "id": r["id"], "dataset": r["dataset"],
-              "video_uri": r["video_uri"], "logprob": float(r["logprob"])} for r in sorted(rows, key=lambda r: r["id"])]
-    storage.write_json(storage.join(base, "train.json"), items, scfg)
+    def items(rows: Any) -> Any:
+        for batch in rows:
+            yield [{"input": f"images/{r['id']}_src.png", "output": f"images/{r['id']}_tgt.png",
+                    "instruction": r["action"], "task": r["action_class"], "id": r["id"], "dataset": r["dataset"],
+                    "video_uri": r["video_uri"], "logprob": float(r["logprob"])} for r in batch.to_pylist()]
+
+    rows = [] if triplets is None else triplets.map_batches(write_images, batch_format="numpy", num_cpus=0.25) \
+        .sort("id").iter_batches(batch_format="pyarrow", batch_size=4096)
+    _write_items(storage.join(base, "train.json"), items(rows), cfg)
 
 
 # ---------------------------------------------------------------------------------------------- main

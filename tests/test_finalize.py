@@ -1,0 +1,120 @@
+"""finalize at scale: dedupe, stratified top-K and the AURORA export as Arrow / Ray Data operations.
+
+A synthetic staging log (no models) with what crashes and retries leave in it: a video redone in a later
+file, a half-staged video, permanent and transient error rows. finalize's outputs must equal what the
+row-by-row reference (`finished_videos`, first-copy dedupe, `filtering.select`) makes of the same log.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray
+
+from cwm_ray.annotate import INDEX_COLUMNS, STAGING_SCHEMA, finalize, finished_mask, finished_videos, read_staging
+from cwm_ray.config import AnnotateConfig, FilterConfig
+from cwm_ray.filtering import select
+from cwm_ray.schema import encode_image, pair_id
+
+CLASSES = ["move left", "put above", "remove", "make", "open", "pick up"]
+
+
+@pytest.fixture(scope="module")
+def ray_local() -> None:
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}})
+    yield
+    ray.shutdown()
+
+
+def _video_rows(rng: random.Random, uri: str, dataset: str, png: bytes) -> list[dict]:
+    n = rng.randrange(1, 5)
+    return [{"id": pair_id(uri, 2 * k, 2 * k + 1), "dataset": dataset, "video_uri": uri, "src_index": 2 * k,
+             "tgt_index": 2 * k + 1, "source": png, "target": png, "width": 8, "height": 8, "video_pairs": n,
+             "action": f"{rng.choice(CLASSES)} the cup", "action_class": rng.choice(CLASSES),
+             "logprob": -rng.randrange(0, 8) / 4, "num_tokens": rng.randrange(1, 4)} for k in range(n)]
+
+
+def _error_row(uri: str, dataset: str, transient: bool) -> dict:
+    return {"id": pair_id(uri, -1, -1), "dataset": dataset, "video_uri": uri, "video_pairs": 0, "stage": "decode",
+            "error_type": "OSError" if transient else "NotAVideo", "message": "x", "transient": transient}
+
+
+def make_staging(output: Path, seed: int) -> None:
+    """Three 'runs' of staging files over one corpus of 60 videos, as crashes and retries leave them."""
+    rng = random.Random(seed)
+    png = encode_image(np.full((8, 8, 3), 7, np.uint8))
+    videos = [(f"s3://b/{d}/v{i:03d}.mp4", d) for d in ("ego", "web") for i in range(30)]
+    files: list[list[dict]] = [[], [], []]
+    for uri, d in videos:
+        kind = rng.random()
+        rows = _video_rows(rng, uri, d, png)
+        if kind < 0.1:
+            files[0].append(_error_row(uri, d, transient=False))
+        elif kind < 0.2:  # half staged by a killed run, never redone: unfinished, left out
+            files[0].extend(rows[: len(rows) - 1] if len(rows) > 1 else [])
+        elif kind < 0.35:  # staged twice: a crash lost track of it, and a later run redid it
+            files[0].extend(rows)
+            files[2].extend(rows)
+        elif kind < 0.45:  # failed transiently, then read by a later run
+            files[0].append(_error_row(uri, d, transient=True))
+            files[1].extend(rows)
+        elif kind < 0.5:  # still failing transiently: reported, not finished
+            files[1].append(_error_row(uri, d, transient=True))
+        else:
+            files[rng.randrange(3)].extend(rows)
+    (output / "staging").mkdir(parents=True)
+    for k, rows in enumerate(files):
+        pq.write_table(pa.Table.from_pylist(rows, schema=STAGING_SCHEMA), output / "staging" / f"run{k}_0.parquet")
+
+
+def _reference(index: pa.Table, cfg: FilterConfig) -> tuple[set[str], set[str], set[str]]:
+    """(pair ids, kept ids, error video uris) as the row-by-row finalize computed them."""
+    done = finished_videos(index)
+    rows = index.to_pylist()
+    pairs = {r["id"]: r for r in rows if r["error_type"] is None and r["video_uri"] in done}
+    errors = {r["video_uri"] for r in rows if r["error_type"] is not None and (r["video_uri"] in done) != bool(
+        r["transient"])}
+    return set(pairs), select(pairs.values(), cfg), errors
+
+
+@pytest.mark.parametrize(("seed", "budget", "score"), [(0, 7, "sum"), (1, 3, "mean"), (2, 1000, "sum")])
+def test_finalize_equals_the_row_by_row_reference(ray_local: None, tmp_path: Path, seed: int, budget: int,
+                                                  score: str) -> None:
+    make_staging(tmp_path, seed)
+    cfg = AnnotateConfig(output=str(tmp_path), filter=FilterConfig(budget=budget, score=score))
+    index, files = read_staging(cfg, INDEX_COLUMNS)
+    assert set(index.filter(finished_mask(index)).column("video_uri").to_pylist()) == finished_videos(index)
+    pair_ids, kept, error_videos = _reference(index, cfg.filter)
+    summary = finalize(cfg, index, files)
+
+    pairs = pq.read_table(tmp_path / "pairs").column("id").to_pylist()
+    triplets = pq.read_table(tmp_path / "triplets")
+    assert sorted(pairs) == sorted(pair_ids)  # every finished pair, exactly once
+    assert sorted(triplets.column("id").to_pylist()) == sorted(kept)
+    assert triplets.column_names == pq.read_table(tmp_path / "pairs").column_names
+    assert {e["video_uri"] for e in pq.read_table(tmp_path / "errors" / "errors.parquet").to_pylist()} == error_videos
+    items = json.loads((tmp_path / "aurora" / "train.json").read_text())
+    assert [i["id"] for i in items] == sorted(kept)  # sorted by id, as before
+    assert all((tmp_path / "aurora" / i["input"]).exists() and (tmp_path / "aurora" / i["output"]).exists()
+               for i in items)
+    assert summary["pairs"] == len(pair_ids) and summary["triplets"] == len(kept)
+    assert summary["videos_done"] == len(finished_videos(index))
+    assert sum(c["triplets"] for c in summary["corpora"].values()) == len(kept)
+    assert sum(sum(c["classes"].values()) for c in summary["corpora"].values()) == len(kept)
+    assert not (tmp_path / "_selection").exists()
+
+
+def test_finalize_of_nothing_but_errors(ray_local: None, tmp_path: Path) -> None:
+    (tmp_path / "staging").mkdir()
+    rows = [_error_row("a.mp4", "d", transient=False), _error_row("b.mp4", "d", transient=True)]
+    pq.write_table(pa.Table.from_pylist(rows, schema=STAGING_SCHEMA), tmp_path / "staging" / "r.parquet")
+    cfg = AnnotateConfig(output=str(tmp_path))
+    summary = finalize(cfg, *read_staging(cfg, INDEX_COLUMNS))
+    assert summary["pairs"] == summary["triplets"] == 0 and summary["errors"] == summary["transient_errors"] == 1
+    assert summary["error_types"] == {"NotAVideo": 1} and summary["corpora"] == {}

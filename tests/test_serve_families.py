@@ -1,5 +1,6 @@
 """Serve best-of-N on real families, through the openai client: each model profile's `serve` section with tiny
-random checkpoints of its real classes (InstructPix2Pix at 256 px, Janus) and a Qwen2-VL verifier.
+random checkpoints of its real classes (InstructPix2Pix at 256 px, Janus) and a verifier of each IDM family
+(Qwen2-VL, SmolVLM/Idefics3, LLaVA).
 
 The app is built as `serve run cwm_ray.serve.app:build_app profile=configs/real/...` builds it, with only the
 model paths, device and step count overridden, so the profile's sizes (None = each checkpoint's own), prompt
@@ -35,6 +36,9 @@ from cwm_ray.toyworld.world import random_scene
 REPO = Path(__file__).resolve().parents[1]
 PROFILES = {"instruct_pix2pix": ("configs/real/qwen25vl7b_ip2p.yaml", 256),
             "janus": ("configs/real/qwen25vl7b_janus_pro_1b.yaml", 96)}
+APPS = {"ip2p-qwen2vl": ("instruct_pix2pix", "qwen2_vl"), "janus-idefics3": ("janus", "idefics3"),
+        "ip2p-llava": ("instruct_pix2pix", "llava")}
+"""Each world-model family served, and each IDM family as its verifier: (world model, verifier) per app."""
 ACTION = "remove the red circle"
 
 
@@ -60,33 +64,34 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     from cwm_ray.serve.app import build_app
 
     root = tmp_path_factory.mktemp("serve_families")
-    idm = build_tiny_idm("qwen2_vl", str(root / "idm"))
+    models = {f: build_tiny_world_model(f, str(root / f)) for f in PROFILES}
+    models |= {f: build_tiny_idm(f, str(root / f)) for _, f in APPS.values()}
     port = _free_port()
     os.environ["RAY_AUTH_MODE"] = "disabled"
-    # Two apps of three deployments (1 + 1 + 0.1 CPUs each): logical CPUs for both, whatever the machine's cores.
-    ray.init(num_cpus=5, include_dashboard=False)
+    # Three apps of three deployments (1 + 1 + 0.1 CPUs each): logical CPUs for all, whatever the machine's cores.
+    ray.init(num_cpus=7, include_dashboard=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        for family, (profile, _) in PROFILES.items():
-            wm = build_tiny_world_model(family, str(root / family))
+        for app, (family, verifier) in APPS.items():
             serve.run(build_app({
-                "profile": profile,
-                "world_model": {"model": wm, "adapter": None, "dtype": "float32", "device": "cpu",
+                "profile": PROFILES[family][0],
+                "world_model": {"model": models[family], "adapter": None, "dtype": "float32", "device": "cpu",
                                 "num_inference_steps": 2},
-                "idm": {"model": idm, "dtype": "float32", "device": "cpu"},
+                "idm": {"model": models[verifier], "dtype": "float32", "device": "cpu"},
                 "api_keys_env": "CWM_TEST_FAMILIES_NO_KEYS",
-            }), name=family, route_prefix=f"/{family}")
-        yield {"url": f"http://127.0.0.1:{port}", "idm": idm}
+            }), name=app, route_prefix=f"/{app}")
+        yield {"url": f"http://127.0.0.1:{port}", "models": models}
     finally:
         serve.shutdown()
         ray.shutdown()
 
 
-@pytest.mark.parametrize("family", list(PROFILES))
-def test_best_of_n_through_the_openai_client_with_a_real_family_verifier(served: dict, family: str) -> None:
+@pytest.mark.parametrize("app", list(APPS))
+def test_best_of_n_through_the_openai_client_with_a_real_family_verifier(served: dict, app: str) -> None:
     from openai import OpenAI
 
-    url = f"{served['url']}/{family}"
+    family, verifier_family = APPS[app]
+    url = f"{served['url']}/{app}"
     client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)
     result = client.images.edit(image=("frame.png", _png(1), "image/png"), prompt=ACTION, n=1,
                                 response_format="b64_json", extra_body={"best_of": 3, "seed": 5})
@@ -103,8 +108,8 @@ def test_best_of_n_through_the_openai_client_with_a_real_family_verifier(served:
     candidates = [_decode(c["image"]) for c in out["candidates"]]
     assert len(candidates) == 3 and all(c.size == (native, native) for c in candidates), [c.size for c in candidates]
     profile_idm = serve_config({"profile": PROFILES[family][0]}).idm  # the served prompt and settings
-    verifier = InverseDynamicsModel.load(dataclasses.replace(profile_idm, model=served["idm"], dtype="float32",
-                                                             device="cpu"))
+    verifier = InverseDynamicsModel.load(dataclasses.replace(profile_idm, model=served["models"][verifier_family],
+                                                             dtype="float32", device="cpu"))
     direct = verifier.score(source, candidates, ACTION)
     np.testing.assert_allclose([c["score"] for c in out["candidates"]], direct, rtol=1e-4, atol=1e-3)
     assert out["chosen"] == int(np.argmax(direct))

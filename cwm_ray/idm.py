@@ -32,6 +32,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from PIL import Image
 from transformers import (
+    AutoConfig,
     AutoModelForImageTextToText,
     AutoProcessor,
     CLIPImageProcessorPil,
@@ -45,7 +46,7 @@ from transformers import (
 )
 
 from cwm_ray import storage
-from cwm_ray.config import TOY, TRANSFORMERS_LORA_TARGETS, IDMConfig, LoRAConfig
+from cwm_ray.config import TOY, TRANSFORMERS_LORA_TARGETS, ConfigError, IDMConfig, LoRAConfig
 from cwm_ray.lora import lora_targets, target_regex
 from cwm_ray.schema import decode_image
 from cwm_ray.world_model import DTYPES, resolve_device
@@ -119,9 +120,19 @@ class InverseDynamicsModel:
             model = model.to(dtype)
         else:
             path = storage.local_dir(cfg.model)
-            model = AutoModelForImageTextToText.from_pretrained(
-                path, dtype=dtype, use_safetensors=True, trust_remote_code=cfg.trust_remote_code
-            )
+            try:
+                model = AutoModelForImageTextToText.from_pretrained(
+                    path, dtype=dtype, use_safetensors=True, trust_remote_code=cfg.trust_remote_code
+                )
+            except ValueError as exc:
+                if "Unrecognized configuration class" not in str(exc):
+                    raise
+                kind = type(AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)).__name__
+                raise ConfigError(
+                    f"idm.model={cfg.model} is a {kind}, not an image-text-to-text model transformers can load "
+                    "(AutoModelForImageTextToText): the IDM must read two images. Use a VLM such as LLaVA, Qwen2-VL, "
+                    "Qwen2.5-VL or SmolVLM/Idefics3 (docs/models.md), or trust_remote_code=true for one that ships "
+                    "its own code") from None
             processor = AutoProcessor.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
         if cfg.adapter:
             model = PeftModel.from_pretrained(model, storage.local_dir(cfg.adapter))

@@ -169,3 +169,27 @@ def test_train_evaluate_and_annotate_through_the_jobs(name: str, corpus224: Path
     assert {(p["width"], p["height"]) for p in good} == {(224, 224)}  # stored at the source resolution
     assert all(p["action"] is not None and p["num_tokens"] >= 1 for p in good)
     assert Image.open(io.BytesIO(good[0]["source"])).size == (224, 224)
+
+
+def test_an_unsupported_family_is_a_clear_error_naming_it_and_the_fix(tmp_path: Path) -> None:
+    """A text-only checkpoint as the IDM, and each world-model family under the other backend (or an IDM as the
+    world model): one ConfigError naming what the directory holds and the fix, before any weights load."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from cwm_ray.config import ConfigError, WorldModelConfig
+    from cwm_ray.tiny.world_model import build_tiny_world_model
+    from cwm_ray.world_model import load_world_model
+
+    LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2)).save_pretrained(tmp_path / "llama")
+    with pytest.raises(ConfigError, match=r"is a LlamaConfig, not an image-text-to-text model.*Qwen2-VL"):
+        InverseDynamicsModel.load(IDMConfig(model=str(tmp_path / "llama")))
+    ip2p = build_tiny_world_model("instruct_pix2pix", str(tmp_path / "ip2p"))
+    janus = build_tiny_world_model("janus", str(tmp_path / "janus"))
+    idm = build_tiny_idm("qwen2_vl", str(tmp_path / "idm"))
+    with pytest.raises(ConfigError, match="InstructPix2Pix-style pipeline.*set world_model.backend=diffusion"):
+        load_world_model(WorldModelConfig(backend="token", model=ip2p))
+    with pytest.raises(ConfigError, match="a Janus checkpoint.*set world_model.backend=token"):
+        load_world_model(WorldModelConfig(backend="diffusion", model=janus))
+    with pytest.raises(ConfigError, match="'qwen2_vl' transformers checkpoint.*point world_model.model at"):
+        load_world_model(WorldModelConfig(backend="diffusion", model=idm))

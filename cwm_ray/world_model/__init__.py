@@ -7,14 +7,16 @@ keeps the vocabulary of its own library behind them.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 from PIL import Image
 
-from cwm_ray.config import RecognitionConfig, WorldModelConfig
+from cwm_ray.config import ConfigError, RecognitionConfig, WorldModelConfig
 
 ImageLike = Image.Image | bytes | np.ndarray
 """Anything `cwm_ray.schema.decode_image` accepts: a PIL image, encoded bytes or an HxWx3 uint8 array."""
@@ -74,8 +76,33 @@ class WorldModel(Protocol):
         ...
 
 
+def checkpoint_family(directory: str) -> tuple[str | None, str]:
+    """(the backend that loads a local checkpoint directory or None, what it is), from the files it holds."""
+    path = Path(directory)
+    if (path / "model_index.json").exists() or (path / "unet").is_dir():
+        return "diffusion", "a diffusers InstructPix2Pix-style pipeline"
+    if (path / "config.json").exists():
+        model_type = str(json.loads((path / "config.json").read_text()).get("model_type", "unknown"))
+        if model_type == "janus":
+            return "token", "a Janus checkpoint"
+        return None, f"a {model_type!r} transformers checkpoint"
+    return None, "no checkpoint this project knows"
+
+
 def load_world_model(cfg: WorldModelConfig, recognition: RecognitionConfig | None = None) -> WorldModel:
-    """The backend named by `cfg.backend`, loaded from `cfg.model` (hub id, local or s3:// path, or `toy`)."""
+    """The backend named by `cfg.backend`, loaded from `cfg.model` (hub id, local or s3:// path, or `toy`).
+
+    A local directory of another family is a clear error naming what it holds and the backend that loads it,
+    rather than the first missing file deep inside diffusers or transformers.
+    """
+    if cfg.model != "toy" and Path(cfg.model).is_dir():
+        backend, what = checkpoint_family(cfg.model)
+        if backend != cfg.backend:
+            fix = (f"set world_model.backend={backend}" if backend else
+                   "point world_model.model at an InstructPix2Pix pipeline (backend diffusion) or a Janus "
+                   "checkpoint (backend token)")
+            raise ConfigError(f"world_model.model={cfg.model} holds {what}, which the {cfg.backend!r} backend "
+                              f"cannot load; {fix}")
     if cfg.backend == "diffusion":
         from cwm_ray.world_model.diffusion import DiffusionWorldModel
 

@@ -370,23 +370,11 @@ def read_staging(cfg: AnnotateConfig, columns: list[str]) -> tuple[pa.Table, lis
 
 
 def finished_videos(index: pa.Table) -> set[str]:
-    """Videos whose every pair (or whose permanent error row) is readable in staging.
+    """Videos whose every pair (or whose permanent error row) is readable in staging (`finished_mask`).
 
     A transient error row finishes nothing: the next run retries its video.
     """
-    if index.num_rows == 0:
-        return set()
-    seen: dict[str, set[str]] = {}
-    expected: dict[str, int] = {}
-    columns = (index.column(c).to_pylist() for c in ("video_uri", "id", "video_pairs", "error_type", "transient"))
-    for vid, rid, n, err, transient in zip(*columns, strict=True):
-        if err is not None:
-            if not transient:
-                expected[vid], seen[vid] = 0, {rid}
-            continue
-        seen.setdefault(vid, set()).add(rid)
-        expected[vid] = int(n)
-    return {v for v, ids in seen.items() if expected[v] == 0 or len(ids) >= expected[v]}
+    return set(index.filter(finished_mask(index)).column("video_uri").to_pylist()) if index.num_rows else set()
 
 
 # ---------------------------------------------------------------------------------------------- finalize

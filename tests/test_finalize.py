@@ -2,7 +2,7 @@
 
 A synthetic staging log (no models) with what crashes and retries leave in it: a video redone in a later
 file, a half-staged video, permanent and transient error rows. finalize's outputs must equal what the
-row-by-row reference (`finished_videos`, first-copy dedupe, `filtering.select`) makes of the same log.
+row-by-row reference (`_finished_reference`, first-copy dedupe, `filtering.select`) makes of the same log.
 """
 
 from __future__ import annotations
@@ -73,9 +73,24 @@ def make_staging(output: Path, seed: int) -> None:
         pq.write_table(pa.Table.from_pylist(rows, schema=STAGING_SCHEMA), output / "staging" / f"run{k}_0.parquet")
 
 
+def _finished_reference(index: pa.Table) -> set[str]:
+    """Finished videos as the row-by-row loop that `annotate.finished_videos` was before it used `finished_mask`."""
+    seen: dict[str, set[str]] = {}
+    expected: dict[str, int] = {}
+    columns = (index.column(c).to_pylist() for c in ("video_uri", "id", "video_pairs", "error_type", "transient"))
+    for vid, rid, n, err, transient in zip(*columns, strict=True):
+        if err is not None:
+            if not transient:
+                expected[vid], seen[vid] = 0, {rid}
+            continue
+        seen.setdefault(vid, set()).add(rid)
+        expected[vid] = int(n)
+    return {v for v, ids in seen.items() if expected[v] == 0 or len(ids) >= expected[v]}
+
+
 def _reference(index: pa.Table, cfg: FilterConfig) -> tuple[set[str], set[str], set[str]]:
     """(pair ids, kept ids, error video uris) as the row-by-row finalize computed them."""
-    done = finished_videos(index)
+    done = _finished_reference(index)
     rows = index.to_pylist()
     pairs = {r["id"]: r for r in rows if r["error_type"] is None and r["video_uri"] in done}
     errors = {r["video_uri"] for r in rows if r["error_type"] is not None and (r["video_uri"] in done) != bool(
@@ -89,7 +104,8 @@ def test_finalize_equals_the_row_by_row_reference(ray_local: None, tmp_path: Pat
     make_staging(tmp_path, seed)
     cfg = AnnotateConfig(output=str(tmp_path), filter=FilterConfig(budget=budget, score=score))
     index, files = read_staging(cfg, INDEX_COLUMNS)
-    assert set(index.filter(finished_mask(index)).column("video_uri").to_pylist()) == finished_videos(index)
+    assert set(index.filter(finished_mask(index)).column("video_uri").to_pylist()) == _finished_reference(index)
+    assert finished_videos(index) == _finished_reference(index)
     pair_ids, kept, error_videos = _reference(index, cfg.filter)
     summary = finalize(cfg, index, files)
 
@@ -104,7 +120,7 @@ def test_finalize_equals_the_row_by_row_reference(ray_local: None, tmp_path: Pat
     assert all((tmp_path / "aurora" / i["input"]).exists() and (tmp_path / "aurora" / i["output"]).exists()
                for i in items)
     assert summary["pairs"] == len(pair_ids) and summary["triplets"] == len(kept)
-    assert summary["videos_done"] == len(finished_videos(index))
+    assert summary["videos_done"] == len(_finished_reference(index))
     assert sum(c["triplets"] for c in summary["corpora"].values()) == len(kept)
     assert sum(sum(c["classes"].values()) for c in summary["corpora"].values()) == len(kept)
     assert not (tmp_path / "_selection").exists()

@@ -1137,9 +1137,13 @@ class ReproduceConfig:
     """
 
     output: str = f"{DEFAULT_OUTPUT_ROOT}/reproduce"
+    seeds: int = 1
+    """Seeds 0..seeds−1: each trains the IDM, annotates, trains every row's world model and evaluates again on one
+    corpus; the table gives each figure's mean ± spread (sample standard deviation) over seeds, and a difference
+    between rows counts only beyond the spread. 3 to judge the table's claims."""
     best_of: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
     synthetic_weight: float = 1.0
-    """Sampling weight of the IDM-annotated triplets beside the gold set (rows b and c)."""
+    """Sampling weight of the synthetic triplets beside the gold set (rows b, b′ and c)."""
     reuse: bool = True
     """Skip a stage finished under the same fingerprint (its resolved config and its inputs' fingerprints, kept in
     `stages/` under `output`) and resume one that crashed; false redoes every stage from nothing."""
@@ -1153,3 +1157,7 @@ class ReproduceConfig:
     """Let a run on a joined cluster (RAY_ADDRESS set) or on GPUs use toy values: a `toy` model, the toy corpus
     (outputs/toy_corpus/...), relative output paths. Off, `check_toy_values` refuses them there: a random model, or
     outputs lost with the job's temporary working directory, is never what a cluster run means."""
+
+    def __post_init__(self) -> None:
+        if self.seeds < 1:
+            raise ConfigError(f"bad value for config key 'seeds': {self.seeds}; use 1 or more")

@@ -30,20 +30,35 @@ def test_reduced_reproduce_end_to_end(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     table = json.loads((out / "table.json").read_text())
     names = [r["row"] for r in table["rows"]]
-    assert names == ["(a) gold only", "(b) + IDM-annotated synthetic", "(c) + recognition weighting",
-                     "(c) + recognition weighting + best-of-2", "copy the source"]
-    assert all(r["toy_score"] is not None and r["items"] == 5 for r in table["rows"])
-    assert (out / "table.md").read_text().count("\n") == len(names) + 2
-    for row in "abc":
-        assert (out / "eval" / row / "report" / "index.html").exists()
+    assert names == ["(a) gold only", "(b) + IDM-labelled synthetic", "(b′) + the same synthetic, true labels",
+                     "(c) + recognition weighting", "(c) + recognition weighting + best-of-2", "copy the source"]
+    assert all(r["toy_score"] is not None and r["items"] == 5 and r["seeds"] == 1 for r in table["rows"])
+    assert table["idm_explains"] is not None
+    assert (out / "table.md").read_text().startswith("| world model |")
+    seed = out / "seeds" / "0"
+    for row in ("a", "b", "b_oracle", "c"):
+        assert (seed / "eval" / row / "report" / "index.html").exists()
     assert (out / "report" / "index.html").exists()
-    assert json.loads((out / "annotated" / "summary.json").read_text())["pairs"] > 0
+    assert (out / "table.png").stat().st_size > 1000  # the table's picture, which the report page shows
+    assert json.loads((seed / "annotated" / "summary.json").read_text())["pairs"] > 0
+    # Row (b′)'s labels are the ground truth: every one explains its pair exactly, as no IDM label must.
+    import pyarrow.parquet as pq
+
+    from cwm_ray.config import ToyWorldConfig
+    from cwm_ray.schema import decode_image
+    from cwm_ray.toyworld.parser import explains
+
+    oracle = pq.read_table(seed / "oracle" / "triplets").to_pylist()
+    annotated = pq.read_table(seed / "annotated" / "triplets", columns=["id"]).num_rows
+    assert 0 < len(oracle) <= annotated
+    assert all(explains(decode_image(r["source"]), r["action"], decode_image(r["target"]), ToyWorldConfig())
+               for r in oracle)
 
     # a re-run finds every stage complete and only rebuilds the table
     again = subprocess.run([sys.executable, "jobs/reproduce.py", *args], cwd=REPO, env=env, capture_output=True,
                            text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stdout.count("done already") == 9
+    assert again.stdout.count("done already") == 13  # corpus, then per seed: IDM, its accuracy, annotate, oracle, 4 x 2
 
 
 class _FakeStages:
@@ -51,6 +66,7 @@ class _FakeStages:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         import cwm_ray.annotate
+        import cwm_ray.evaluate.idm
         import cwm_ray.evaluate.pipeline
         import cwm_ray.toyworld.corpus
         import cwm_ray.train
@@ -61,6 +77,8 @@ class _FakeStages:
         monkeypatch.setattr(cwm_ray.train, "train", self.train)
         monkeypatch.setattr(cwm_ray.annotate, "annotate", self.annotate)
         monkeypatch.setattr(cwm_ray.evaluate.pipeline, "evaluate", self.evaluate)
+        monkeypatch.setattr(cwm_ray.evaluate.idm, "evaluate_idm", self.evaluate_idm)
+        monkeypatch.setattr(cwm_ray.toyworld.corpus, "relabel_with_ground_truth", self.relabel)
 
     def make_corpus(self, cfg: Any) -> None:
         self.calls.append(("corpus", cfg.output))
@@ -86,6 +104,16 @@ class _FakeStages:
         (out / "staging").mkdir(parents=True, exist_ok=True)
         (out / "staging" / f"{cfg.world_model.backend}.parquet").write_text("")
         (out / "summary.json").write_text(json.dumps({"pairs": 1}))
+
+    def evaluate_idm(self, cfg: Any) -> None:
+        self.calls.append(("eval_idm", cfg.output))
+        Path(cfg.output).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.output) / "results.json").write_text(json.dumps({"explains": 0.9}))
+
+    def relabel(self, triplets: str, corpus: str, output: str) -> None:
+        self.calls.append(("oracle", output))
+        Path(output).mkdir(parents=True, exist_ok=True)
+        (Path(output) / "part-00000.parquet").write_text("")
 
     def evaluate(self, cfg: Any) -> None:
         self.calls.append(("evaluate", cfg.output))
@@ -115,39 +143,74 @@ def test_a_rerun_redoes_exactly_the_changed_stages_and_what_depends_on_them(
         table = reproduce(load(ReproduceConfig, None, [f"output={out}", "best_of=[1,2]", *overrides]))
         return [r["toy_score"] for r in table["rows"] if r["row"] != "copy the source"]
 
-    wm, evals = ["world_model_a", "world_model_b", "world_model_c"], ["evaluate"] * 3
-    assert run() == [0.95, 0.95, 0.95, 0.95]  # evaluate.yaml's max_items=20
-    assert fake.ran() == ["corpus", "idm", "annotate", "world_model_a", "evaluate", "world_model_b", "evaluate",
-                          "world_model_c", "evaluate"]
+    wm = ["world_model_a", "world_model_b", "world_model_b_oracle", "world_model_c"]
+    evals = ["evaluate"] * 4
+    per_row = [step for pair in zip(wm, evals, strict=True) for step in pair]
+    assert run() == [0.95] * 5  # evaluate.yaml's max_items=20
+    assert fake.ran() == ["corpus", "idm", "eval_idm", "annotate", "oracle", *per_row]
     capsys.readouterr()
-    assert run() == [0.95] * 4 and fake.ran() == []  # unchanged: every stage skipped
-    assert capsys.readouterr().out.count("done already") == 9
-    old_runs = sorted(p.name for p in (out / "runs").iterdir())
+    assert run() == [0.95] * 5 and fake.ran() == []  # unchanged: every stage skipped
+    assert capsys.readouterr().out.count("done already") == 13
+    runs = out / "seeds" / "0" / "runs"
+    old_runs = sorted(p.name for p in runs.iterdir())
 
     token = "world_model_overrides=[world_model.backend=token]"
-    assert run(token) == [0.45] * 4  # the new backend's numbers, not the old ones
+    assert run(token) == [0.45] * 5  # the new backend's numbers, not the old ones
     ran = fake.ran()  # the backend also reaches annotation (its recognition encoder); corpus and IDM stay
-    assert sorted(ran) == sorted(["annotate", *wm, *evals]) and ran[0] == "annotate"
+    assert sorted(ran) == sorted(["annotate", "oracle", *wm, *evals]) and ran[0] == "annotate"
     # Fresh runs and outputs: nothing of the diffusion runs is resumed, kept or counted.
-    new_runs = sorted(p.name for p in (out / "runs").iterdir())
+    new_runs = sorted(p.name for p in runs.iterdir())
     assert [r.split("-")[0] for r in new_runs] == ["idm", *wm] and set(new_runs) & set(old_runs) == {new_runs[0]}
-    assert [p.name for p in (out / "annotated" / "staging").iterdir()] == ["token.parquet"]
-    assert [p.name for p in (out / "models" / "world_model_a").glob("from_*")] == [f"from_{new_runs[1]}"]
-    assert run(token) == [0.45] * 4 and fake.ran() == []
+    assert [p.name for p in (out / "seeds" / "0" / "annotated" / "staging").iterdir()] == ["token.parquet"]
+    assert [p.name for p in (out / "seeds" / "0" / "models" / "world_model_a").glob("from_*")] == [
+        f"from_{new_runs[1]}"]
+    assert run(token) == [0.45] * 5 and fake.ran() == []
 
-    assert run(token, "evaluate_overrides=[max_items=30]") == [0.55] * 4 and fake.ran() == evals
+    assert run(token, "evaluate_overrides=[max_items=30]") == [0.55] * 5 and fake.ran() == evals
     steps = "world_model_overrides=[world_model.backend=token,optim.max_steps=7]"
-    assert run(steps, "evaluate_overrides=[max_items=30]") == [0.55] * 4
-    assert fake.ran() == [wm[0], "evaluate", wm[1], "evaluate", wm[2], "evaluate"]
-    assert run("reuse=false") == [0.95] * 4 and len(fake.ran()) == 9
+    assert run(steps, "evaluate_overrides=[max_items=30]") == [0.55] * 5
+    assert fake.ran() == per_row
+    assert run("reuse=false") == [0.95] * 5 and len(fake.ran()) == 13
 
     # A stage that crashed is resumed under the same config: same run name, its output kept.
     fake.fail_at = "world_model_b"
     with pytest.raises(RuntimeError, match="worker died"):
         run(steps)
     crashed = [arg for kind, arg in fake.calls if arg.startswith("world_model_b")]
-    assert fake.ran() == ["annotate", wm[0], "evaluate", wm[1]]  # back to the token backend from diffusion
+    assert fake.ran() == ["annotate", "oracle", wm[0], "evaluate", wm[1]]  # back to the token backend from diffusion
     fake.fail_at = None
-    assert run(steps) == [0.45] * 4
-    assert fake.calls[0] == ("train", crashed[0]) and fake.ran() == [wm[1], "evaluate", wm[2], "evaluate"]
-    assert (out / "models" / "world_model_b" / f"from_{crashed[0]}").exists()
+    assert run(steps) == [0.45] * 5
+    assert fake.calls[0] == ("train", crashed[0]) and fake.ran() == per_row[2:]
+    assert (out / "seeds" / "0" / "models" / "world_model_b" / f"from_{crashed[0]}").exists()
+
+
+def test_the_table_gives_mean_and_spread_over_seeds_and_judges_each_claim_against_it() -> None:
+    from cwm_ray.evaluate.reproduce import build_table, markdown
+
+    def summary(scores: dict[str, list[float]]) -> dict[str, Any]:
+        rows = {row: {"overall": [{"system": "world_model", "best_of": n + 1, "items": 100, "toy_score": v,
+                                   "toy_edit_success": v + 1, "toy_minimal_edit": 9.0}
+                                  for n, v in enumerate(values)]} for row, values in scores.items()}
+        rows["a"]["overall"].append({"system": "copy", "best_of": 1, "items": 100, "toy_score": 0.0})
+        return rows
+
+    per_seed = {
+        0: {"rows": summary({"a": [2.0], "b": [4.0], "b_oracle": [4.1], "c": [3.0, 3.5]}), "idm_explains": 0.9},
+        1: {"rows": summary({"a": [3.0], "b": [5.0], "b_oracle": [4.9], "c": [4.0, 4.4]}), "idm_explains": 1.0},
+    }
+    table = build_table(per_seed)
+    row = {r["row"]: r for r in table["rows"]}
+    assert row["(a) gold only"]["toy_score"] == 2.5 and row["(a) gold only"]["seeds"] == 2
+    assert abs(row["(a) gold only"]["toy_score_spread"] - 0.5 ** 0.5) < 1e-12  # sample std of 2 and 3
+    assert row["(b) + IDM-labelled synthetic"]["toy_score_per_seed"] == [4.0, 5.0]
+    assert list(row)[-1] == "copy the source"
+    claims = {c["claim"]: c for c in table["comparisons"]}
+    assert claims["synthetic data helps"]["difference"] == 2.0 and claims["synthetic data helps"]["beyond_spread"]
+    assert claims["label noise costs"]["beyond_spread"] is False  # 4.5 vs 4.5: no difference
+    assert claims["best-of-2 beats best-of-1"]["beyond_spread"] is False  # +0.45 < 0.71 + 0.64
+    assert abs(table["idm_explains"] - 0.95) < 1e-12
+    text = markdown(table)
+    assert "2.50 ± 0.71" in text and "synthetic data helps" in text and "beyond the spread" in text
+    one = build_table({0: per_seed[0]})  # one seed: no spread, and no verdict on any difference
+    assert all(r["toy_score_spread"] is None for r in one["rows"])
+    assert all(c["beyond_spread"] is None for c in one["comparisons"])

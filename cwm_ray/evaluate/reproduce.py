@@ -33,6 +33,7 @@ from cwm_ray.config import (
     REPO_ROOT,
     AnnotateConfig,
     EvaluateConfig,
+    EvaluateIDMConfig,
     ReproduceConfig,
     ToyCorpusConfig,
     TrainIDMConfig,
@@ -41,13 +42,27 @@ from cwm_ray.config import (
     to_dict,
 )
 
-ROWS = {  # row → (uses synthetic triplets, recognition weighting)
-    "a": (False, False),
-    "b": (True, False),
-    "c": (True, True),
+ROWS = {  # row → (synthetic triplets: None, the IDM's labels or the ground truth's; recognition weighting)
+    "a": (None, False),
+    "b": ("idm", False),
+    "b_oracle": ("oracle", False),
+    "c": ("idm", True),
 }
-ROW_NAMES = {"a": "gold only", "b": "+ IDM-annotated synthetic", "c": "+ recognition weighting"}
+ROW_NAMES = {"a": "(a) gold only", "b": "(b) + IDM-labelled synthetic",
+             "b_oracle": "(b′) + the same synthetic, true labels", "c": "(c) + recognition weighting"}
 COLUMNS = ["toy_score", "toy_edit_success", "toy_minimal_edit", "idm_agreement", "l1"]
+COMPARISONS = [("b", "a", "synthetic data helps"), ("b_oracle", "b", "label noise costs"),
+               ("c", "b", "recognition weighting helps")]
+"""(row, baseline, what a positive difference means): the table's claims, each judged against the seed spread."""
+
+
+@dataclasses.dataclass
+class OracleStage:
+    """Row (b′)'s input: annotation's triplets relabelled by the corpus's ground truth (`relabel_with_ground_truth`)."""
+
+    triplets: str
+    corpus: str
+    output: str
 
 
 def _yaml(name: str) -> Path:
@@ -73,8 +88,9 @@ def _log(msg: str) -> None:
 
 def reproduce(cfg: ReproduceConfig) -> dict[str, Any]:
     from cwm_ray.annotate import annotate
+    from cwm_ray.evaluate.idm import evaluate_idm
     from cwm_ray.evaluate.pipeline import evaluate
-    from cwm_ray.toyworld.corpus import make_corpus
+    from cwm_ray.toyworld.corpus import make_corpus, relabel_with_ground_truth
     from cwm_ray.train import train
 
     t0 = time.perf_counter()
@@ -117,70 +133,157 @@ def reproduce(cfg: ReproduceConfig) -> dict[str, Any]:
 
     corpus = storage.join(root, "corpus")
     gold = storage.join(corpus, "gold", "train.json")
+    test = storage.join(corpus, "gold", "test.json")
     corpus_cfg = load(ToyCorpusConfig, _yaml("toy.yaml"), [f"output={corpus}", *cfg.corpus_overrides])
     corpus_fp = stage("corpus", "corpus", corpus_cfg, [], [corpus_cfg.output], storage.join(corpus, "corpus.json"),
                       make_corpus)
-
-    runs, models = storage.join(root, "runs"), storage.join(root, "models")
-    idm = storage.join(models, "idm")
-    idm_fp = train_stage("idm", "IDM on gold", load(TrainIDMConfig, _yaml("train_idm.yaml"), [
-        f"data.sources=[{{uri: '{gold}'}}]", f"train.storage_path={runs}", "train.name=idm",
-        f"train.export={idm}", *cfg.idm_overrides]), [corpus_fp])
-
     # The world model's backend (e.g. world_model.backend=token) also decides whose encoder gives the
     # recognition weights at annotation, and how the models are evaluated.
     backend = [o for o in cfg.world_model_overrides if o.startswith("world_model.backend=")]
-    annotated = storage.join(root, "annotated")
-    annotate_cfg = load(AnnotateConfig, _yaml("annotate.yaml"), [
-        f"inputs=[{{name: toy, uri: '{storage.join(corpus, 'videos')}'}}]", f"output={annotated}",
-        f"idm.model={idm}", *backend, *cfg.annotate_overrides])
-    annotate_fp = stage("annotate", "annotate", annotate_cfg, [corpus_fp, idm_fp], [annotate_cfg.output],
-                        storage.join(annotated, "summary.json"), annotate)
 
-    synthetic = f"{{uri: '{storage.join(annotated, 'triplets')}', weight: {cfg.synthetic_weight}}}"
-    results: dict[str, dict[str, Any]] = {}
-    for row, (use_synthetic, weighted) in ROWS.items():
-        wm, out = storage.join(models, f"world_model_{row}"), storage.join(root, "eval", row)
-        sources = f"[{{uri: '{gold}'}}" + (f", {synthetic}]" if use_synthetic else "]")
-        wm_fp = train_stage(f"world_model_{row}", f"world model ({row}) {ROW_NAMES[row]}", load(
-            TrainWorldModelConfig, _yaml("train_world_model.yaml"), [
-                f"data.sources={sources}", f"recognition.enabled={str(weighted).lower()}",
-                f"train.storage_path={runs}", f"train.name=world_model_{row}", f"train.export={wm}",
-                *cfg.world_model_overrides]),
-            [corpus_fp, annotate_fp] if use_synthetic else [corpus_fp])
-        best_of = cfg.best_of if row == "c" else [1]
-        eval_cfg = load(EvaluateConfig, _yaml("evaluate.yaml"), [
-            f"bench={storage.join(corpus, 'gold', 'test.json')}", f"world_model.model={wm}", f"idm.model={idm}",
-            f"best_of=[{','.join(str(n) for n in best_of)}]", f"output={out}", *backend, *cfg.evaluate_overrides])
-        stage(f"evaluate_{row}", f"evaluate ({row})", eval_cfg, [corpus_fp, idm_fp, wm_fp], [eval_cfg.output],
-              storage.join(out, "results.json"), evaluate)
-        results[row] = storage.read_json(storage.join(out, "results.json"))["summary"]
+    per_seed: dict[int, dict[str, Any]] = {}
+    for seed in range(cfg.seeds):
+        # One corpus; each seed trains the IDM, annotates, trains every row's world model and evaluates anew.
+        base, tag = storage.join(root, "seeds", str(seed)), f"[seed {seed}] "
+        runs, models = storage.join(base, "runs"), storage.join(base, "models")
+        idm = storage.join(models, "idm")
+        idm_fp = train_stage(f"seed{seed}/idm", f"{tag}IDM on gold", load(TrainIDMConfig, _yaml("train_idm.yaml"), [
+            f"data.sources=[{{uri: '{gold}'}}]", f"train.storage_path={runs}", "train.name=idm",
+            f"train.export={idm}", f"optim.seed={seed}", *cfg.idm_overrides]), [corpus_fp])
+        idm_eval = load(EvaluateIDMConfig, _yaml("evaluate_idm.yaml"), [
+            f"bench={test}", f"idm.model={idm}", f"output={storage.join(base, 'eval_idm')}"])
+        stage(f"seed{seed}/eval_idm", f"{tag}IDM accuracy", idm_eval, [corpus_fp, idm_fp], [idm_eval.output],
+              storage.join(idm_eval.output, "results.json"), evaluate_idm)
 
-    table = build_table(results)
+        annotated = storage.join(base, "annotated")
+        annotate_cfg = load(AnnotateConfig, _yaml("annotate.yaml"), [
+            f"inputs=[{{name: toy, uri: '{storage.join(corpus, 'videos')}'}}]", f"output={annotated}",
+            f"idm.model={idm}", *backend, *cfg.annotate_overrides])
+        annotate_fp = stage(f"seed{seed}/annotate", f"{tag}annotate", annotate_cfg, [corpus_fp, idm_fp],
+                            [annotate_cfg.output], storage.join(annotated, "summary.json"), annotate)
+        oracle = OracleStage(storage.join(annotated, "triplets"), corpus, storage.join(base, "oracle", "triplets"))
+        oracle_fp = stage(f"seed{seed}/oracle", f"{tag}ground-truth labels", oracle, [corpus_fp, annotate_fp],
+                          [oracle.output], storage.join(oracle.output, "part-00000.parquet"),
+                          lambda o: relabel_with_ground_truth(o.triplets, o.corpus, o.output))
+        synthetic = {"idm": (oracle.triplets, annotate_fp), "oracle": (oracle.output, oracle_fp)}
+
+        results: dict[str, dict[str, Any]] = {}
+        for row, (kind, weighted) in ROWS.items():
+            wm, out = storage.join(models, f"world_model_{row}"), storage.join(base, "eval", row)
+            sources, inputs = f"[{{uri: '{gold}'}}]", [corpus_fp]
+            if kind is not None:
+                uri, fp = synthetic[kind]
+                sources = f"[{{uri: '{gold}'}}, {{uri: '{uri}', weight: {cfg.synthetic_weight}}}]"
+                inputs = [corpus_fp, fp]
+            wm_fp = train_stage(f"seed{seed}/world_model_{row}", f"{tag}world model {ROW_NAMES[row]}", load(
+                TrainWorldModelConfig, _yaml("train_world_model.yaml"), [
+                    f"data.sources={sources}", f"recognition.enabled={str(weighted).lower()}",
+                    f"train.storage_path={runs}", f"train.name=world_model_{row}", f"train.export={wm}",
+                    f"optim.seed={seed}", *cfg.world_model_overrides]), inputs)
+            best_of = cfg.best_of if row == "c" else [1]
+            eval_cfg = load(EvaluateConfig, _yaml("evaluate.yaml"), [
+                f"bench={test}", f"world_model.model={wm}", f"idm.model={idm}",
+                f"best_of=[{','.join(str(n) for n in best_of)}]", f"output={out}", f"seed={seed}", *backend,
+                *cfg.evaluate_overrides])
+            stage(f"seed{seed}/evaluate_{row}", f"{tag}evaluate {ROW_NAMES[row]}", eval_cfg,
+                  [corpus_fp, idm_fp, wm_fp], [eval_cfg.output], storage.join(out, "results.json"), evaluate)
+            results[row] = storage.read_json(storage.join(out, "results.json"))["summary"]
+        idm_result = storage.read_json(storage.join(idm_eval.output, "results.json"))
+        per_seed[seed] = {"rows": results, "idm_explains": idm_result.get("explains")}
+
+    table = build_table(per_seed)
     table |= {"seconds": round(time.perf_counter() - t0, 1), "stage_seconds": timings}
     write_table(root, table)
     return table
 
 
-def build_table(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def _mean_spread(values: Sequence[float | None]) -> tuple[float | None, float | None]:
+    """Mean over seeds and the spread: the sample standard deviation (None with one seed or a missing value)."""
+    if not values or any(v is None for v in values):
+        return None, None
+    xs = [float(v) for v in values if v is not None]
+    mean = sum(xs) / len(xs)
+    if len(xs) < 2:
+        return mean, None
+    return mean, (sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5
+
+
+def build_table(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """Per row (and best-of-N): each column's mean and spread over seeds, the per-seed values, and the comparisons.
+
+    A difference between two rows counts (`beyond_spread`) only when it exceeds the sum of their spreads.
+    """
+    keyed: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for seed_result in per_seed.values():
+        for row, summary in seed_result["rows"].items():
+            for r in summary["overall"]:
+                if r["system"] == "copy" and row != "a":
+                    continue
+                key = ("copy", 1) if r["system"] == "copy" else (row, int(r["best_of"]))
+                keyed.setdefault(key, []).append(r)
     rows = []
-    for row, summary in results.items():
-        for r in summary["overall"]:
-            if r["system"] == "copy" and row != "a":
-                continue
-            name = "copy the source" if r["system"] == "copy" else (
-                f"({row}) {ROW_NAMES[row]}" + (f" + best-of-{r['best_of']}" if r["best_of"] > 1 else ""))
-            rows.append({"row": name, "items": r["items"], **{c: r.get(c) for c in COLUMNS}})
-    copy = [r for r in rows if r["row"] == "copy the source"]
-    return {"rows": [r for r in rows if r["row"] != "copy the source"] + copy, "columns": COLUMNS}
+    for (row, n), found in keyed.items():
+        name = "copy the source" if row == "copy" else ROW_NAMES[row] + (f" + best-of-{n}" if n > 1 else "")
+        entry: dict[str, Any] = {"row": name, "key": row, "best_of": n, "items": found[0]["items"],
+                                 "seeds": len(found)}
+        for c in COLUMNS:
+            values = [r.get(c) for r in found]
+            entry[c], entry[f"{c}_spread"] = _mean_spread(values)
+            entry[f"{c}_per_seed"] = values
+        rows.append(entry)
+    rows = [r for r in rows if r["key"] != "copy"] + [r for r in rows if r["key"] == "copy"]
+
+    def find(row: str, n: int = 1) -> dict[str, Any] | None:
+        return next((r for r in rows if r["key"] == row and r["best_of"] == n), None)
+
+    pairs = [(find(a), find(b), claim) for a, b, claim in COMPARISONS]
+    ns = sorted({r["best_of"] for r in rows if r["key"] == "c"})
+    pairs += [(find("c", n), find("c", m), f"best-of-{n} beats best-of-{m}") for m, n in zip(ns, ns[1:], strict=False)]
+    comparisons = [compare(x, y, claim) for x, y, claim in pairs if x is not None and y is not None]
+    idm = _mean_spread([s["idm_explains"] for s in per_seed.values()])
+    return {"rows": rows, "columns": COLUMNS, "seeds": len(per_seed), "comparisons": comparisons,
+            "idm_explains": idm[0], "idm_explains_spread": idm[1],
+            "idm_explains_per_seed": [s["idm_explains"] for s in per_seed.values()]}
+
+
+def compare(x: dict[str, Any], y: dict[str, Any], claim: str, column: str = "toy_score") -> dict[str, Any]:
+    """x − y on `column`, and whether it is beyond the spread (|difference| > spread(x) + spread(y))."""
+    if x[column] is None or y[column] is None:
+        return {"claim": claim, "rows": [x["row"], y["row"]], "difference": None, "spread": None,
+                "beyond_spread": None}
+    diff = x[column] - y[column]
+    spread = (x[f"{column}_spread"] or 0.0) + (y[f"{column}_spread"] or 0.0)
+    known = x[f"{column}_spread"] is not None and y[f"{column}_spread"] is not None
+    return {"claim": claim, "rows": [x["row"], y["row"]], "difference": diff, "spread": spread if known else None,
+            "beyond_spread": (abs(diff) > spread) if known else None}
+
+
+def _cell(mean: float | None, spread: float | None) -> str:
+    if mean is None:
+        return "–"
+    return f"{mean:.2f}" if spread is None else f"{mean:.2f} ± {spread:.2f}"
 
 
 def markdown(table: dict[str, Any]) -> str:
     cols = table["columns"]
     lines = ["| world model | items | " + " | ".join(cols) + " |", "|---|---:|" + "---:|" * len(cols)]
     for r in table["rows"]:
-        cells = " | ".join("–" if r[c] is None else f"{r[c]:.2f}" for c in cols)
+        cells = " | ".join(_cell(r[c], r.get(f"{c}_spread")) for c in cols)
         lines.append(f"| {r['row']} | {r['items']} | {cells} |")
+    seeds = table.get("seeds", 1)
+    lines.append("")
+    lines.append(f"Seeds: {seeds}" + (" (mean ± sample standard deviation over seeds)." if seeds > 1 else
+                                      " (no spread: run with seeds=3 to judge differences)."))
+    if table.get("idm_explains") is not None:
+        spread = table.get("idm_explains_spread")
+        lines.append(f"IDM on the held-out gold pairs: "
+                     f"{_cell(100 * table['idm_explains'], None if spread is None else 100 * spread)} % explained.")
+    for c in table.get("comparisons", []):
+        if c["difference"] is None:
+            continue
+        verdict = {True: "beyond the spread", False: "within the spread", None: "spread unknown"}[c["beyond_spread"]]
+        spread = "" if c["spread"] is None else f" (spread {c['spread']:.2f})"
+        lines.append(f"- {c['claim']}: {c['rows'][0]} − {c['rows'][1]} = {c['difference']:+.2f}{spread}: {verdict}")
     return "\n".join(lines)
 
 
@@ -189,14 +292,21 @@ def write_table(root: str, table: dict[str, Any]) -> None:
     print("\n" + md + f"\n\n(total {table['seconds']} s)", flush=True)
     storage.write_text(storage.join(root, "table.md"), md + "\n")
     storage.write_json(storage.join(root, "table.json"), table)
-    links = "".join(f'<li><a href="../eval/{r}/report/index.html">row ({r}) report</a></li>' for r in ROWS)
+    from cwm_ray.evaluate.table_plot import plot_table
+
+    plot_table(table, storage.join(root, "table.png"))
+    links = "".join(f'<li><a href="../seeds/{s}/eval/{r}/report/index.html">seed {s}, row {html.escape(ROW_NAMES[r])}'
+                    f"</a></li>" for s in range(table.get("seeds", 1)) for r in ROWS)
     body = "".join(f"<tr><td>{html.escape(r['row'])}</td><td>{r['items']}</td>" + "".join(
-        f"<td>{'–' if r[c] is None else f'{r[c]:.2f}'}</td>" for c in table["columns"]) + "</tr>"
+        f"<td>{_cell(r[c], r.get(f'{c}_spread'))}</td>" for c in table["columns"]) + "</tr>"
         for r in table["rows"])
     head = "".join(f"<th>{c}</th>" for c in table["columns"])
+    notes = "".join(f"<li>{html.escape(line[2:])}</li>" for line in md.splitlines() if line.startswith("- "))
     page = (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>cwm_ray: the table in miniature</title>"
             f"<style>body{{font-family:system-ui,sans-serif;margin:2rem}}td,th{{border:1px solid #ccc;"
             f"padding:.3rem .6rem}}table{{border-collapse:collapse}}</style></head><body>"
             f"<h1>The paper's table in miniature (toy world)</h1><table><tr><th>world model</th><th>items</th>{head}"
-            f"</tr>{body}</table><p>{json.dumps(table['stage_seconds'])}</p><ul>{links}</ul></body></html>")
+            f"</tr>{body}</table><p><img src=\"../table.png\" alt=\"the table as bars\"></p><ul>{notes}</ul>"
+            f"<p>{json.dumps(table['stage_seconds'])}</p><ul>{links}</ul>"
+            f"</body></html>")
     storage.write_text(storage.join(root, "report", "index.html"), page)

@@ -161,3 +161,46 @@ def make_corpus(cfg: ToyCorpusConfig) -> dict[str, Any]:
     }
     storage.write_json(storage.join(cfg.output, "corpus.json"), summary, cfg.storage)
     return summary
+
+
+def ground_truth_action(segments: list[dict[str, Any]], src_index: int, tgt_index: int) -> str | None:
+    """The action a frame pair of a corpus video shows, from its sidecar: the one segment that starts after the
+    source frame and ends by the target frame, with no other segment overlapping the pair; else None.
+
+    A pair that spans no action, part of one, or two is not one labelled transition, and gets no label.
+    """
+    inside = [s for s in segments if src_index < s["start_frame"] and s["end_frame"] <= tgt_index]
+    overlapping = [s for s in segments if s["start_frame"] <= tgt_index and s["end_frame"] > src_index]
+    return str(inside[0]["action"]) if len(inside) == 1 and len(overlapping) == 1 else None
+
+
+def relabel_with_ground_truth(triplets: str, corpus: str, output: str) -> dict[str, int]:
+    """Annotation's triplets with each IDM action replaced by the ground truth (the oracle row of the table).
+
+    The same pairs, frames and recognition weights, so a world model trained on them differs from one trained on
+    the IDM's labels only by the labels' noise. Pairs with no single ground-truth action (`ground_truth_action`)
+    are dropped and counted. Written as one Parquet file under `output`.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    fs, path = storage.filesystem(triplets)
+    table = pq.ParquetDataset(path, filesystem=fs).read()
+    sidecars: dict[str, list[dict[str, Any]]] = {}
+    actions: list[str | None] = []
+    for uri, src, tgt in zip(*(table.column(c).to_pylist() for c in ("video_uri", "src_index", "tgt_index")),
+                             strict=True):
+        name = uri.rstrip("/").rsplit("/", 1)[-1].rsplit(".", 1)[0]
+        if name not in sidecars:
+            sidecars[name] = storage.read_json(storage.join(corpus, "ground_truth", f"{name}.json"))["segments"]
+        actions.append(ground_truth_action(sidecars[name], int(src), int(tgt)))
+    keep = pa.array([a is not None for a in actions])
+    labels = pa.array([a for a in actions if a is not None], pa.string())
+    kept = table.filter(keep)
+    relabelled = kept.set_column(kept.schema.get_field_index("action"), "action", labels)
+    out_fs, out_path = storage.filesystem(output)
+    out_fs.create_dir(out_path, recursive=True)
+    pq.write_table(relabelled, f"{out_path}/part-00000.parquet", filesystem=out_fs)
+    changed = sum(a != b for a, b in zip(kept.column("action").to_pylist(), labels.to_pylist(), strict=True))
+    return {"rows": table.num_rows, "kept": relabelled.num_rows, "dropped": table.num_rows - relabelled.num_rows,
+            "relabelled": changed}

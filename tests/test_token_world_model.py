@@ -385,3 +385,33 @@ def test_deepspeed_two_workers_checkpoint_and_resume(ray_local: None, tiny_dir: 
     wm = _load(str(tmp_path / "export"))
     out = wm.sample(_images(1), ACTIONS[:1], n=2, seed=0)
     assert len(out[0]) == 2 and out[0][0].size == (64, 64)
+
+
+def test_the_copy_prior_makes_an_untrained_model_copy_the_source_and_enters_the_loss(tmp_path: Path) -> None:
+    """`source_copy_logit` in the Janus config: each target token's own source code gets that logit on top, in
+    the loss and in the sampler alike; 0 (the default, and every real checkpoint) leaves both as they were."""
+    import json
+
+    from cwm_ray.schema import decode_image
+    from cwm_ray.toyworld.parser import parse_scene
+
+    path, plain_path = tmp_path / "copying", tmp_path / "no_prior"
+    build_toy_token_world_model(str(path), seed=0, copy_logit=8.0, **TINY)
+    wm = _load(str(path))
+    assert wm.module.copy_logit == 8.0
+    sources = _images(3, 4)
+    # Random logits are ~0.01 apart: the prior alone decides, so greedy decoding gives back the source scene.
+    wm.cfg.token.temperature = 0.0
+    for src, cands in zip(sources, wm.sample(sources, ACTIONS, n=1, seed=0), strict=True):
+        assert parse_scene(decode_image(src), ToyWorldConfig()) == parse_scene(cands[0], ToyWorldConfig())
+    # The same weights without the prior: the loss of a target equal to its source is the prior's to lower.
+    wm.save(str(plain_path))
+    config = json.loads((plain_path / "config.json").read_text())
+    (plain_path / "config.json").write_text(json.dumps(config | {"source_copy_logit": 0.0}))
+    plain = _load(str(plain_path))
+    assert plain.module.copy_logit == 0.0
+    batch = {k: v for k, v in wm.collate(_batch()).items() if k != "weights"}
+    batch["target_codes"] = batch["source_codes"]
+    with torch.no_grad():
+        prior, without = float(wm.module(**batch)), float(plain.module(**batch))
+    assert prior < 0.1 < without, (prior, without)

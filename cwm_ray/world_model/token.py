@@ -144,6 +144,22 @@ class JanusWorldModule(nn.Module):
         """
         return int(getattr(self.model.config, "text_positions", 0) or 0)
 
+    @property
+    def copy_logit(self) -> float:
+        """Logit added to each target token's own source code (`source_copy_logit` in the config; 0 = none).
+
+        A copy prior, as a pointer-generator's copy path: every cell the action leaves alone starts out right, so
+        learning goes to the cells the action changes. Without it a from-scratch model first has to discover the
+        attention that copies each source token across the prompt, which took the toy ~1000 steps on its own.
+        """
+        return float(getattr(self.model.config, "source_copy_logit", 0.0) or 0.0)
+
+    def copy_prior(self, logits: torch.Tensor, source_codes: torch.Tensor) -> torch.Tensor:
+        """`logits` (..., V) plus `copy_logit` on the aligned source codes (...), or `logits` as they are."""
+        if not self.copy_logit:
+            return logits
+        return logits + self.copy_logit * F.one_hot(source_codes.to(logits.device), logits.shape[-1]).to(logits)
+
     def layout(self, source_codes: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                target_codes: torch.Tensor | None = None, drop_text: torch.Tensor | None = None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -207,7 +223,7 @@ class JanusWorldModule(nn.Module):
         hidden = self.model.model.language_model(inputs_embeds=self.embed(ids, is_image), attention_mask=mask,
                                                  position_ids=positions, use_cache=False).last_hidden_state
         n = target_codes.shape[1]  # left padding: the last n positions predict the n target codes
-        logits = self.image_logits(hidden[:, -n:])
+        logits = self.copy_prior(self.image_logits(hidden[:, -n:]), source_codes)
         return weighted_nll(logits, target_codes, None if weights is None else weights.flatten(1))
 
 
@@ -406,8 +422,9 @@ class TokenWorldModel:
         cache.batch_select_indices(rows)  # branch: every candidate continues from its own copy of the prompt
         hidden, mask, positions = out.last_hidden_state[rows, -1], mask[rows], positions[rows]
         codes = []
-        for _ in range(m.grid**2):
-            logits = m.image_logits(hidden).float().cpu()
+        aligned = source[rows].cpu()  # each candidate row's source codes, for the copy prior
+        for p in range(m.grid**2):
+            logits = m.copy_prior(m.image_logits(hidden).float().cpu(), aligned[:, p])
             if guided:
                 cond, uncond = logits.chunk(2)
                 logits = uncond + opts.guidance_scale * (cond - uncond)
@@ -818,7 +835,8 @@ def _construct_toy_decoder(vq: nn.Module, kinds: Sequence[tuple[str, str]], grid
 
 
 def toy_components(resolution: int = 64, seed: int = 0, hidden_size: int = 128, num_layers: int = 4,
-                   num_heads: int = 4) -> dict[str, Any]:
+                   num_heads: int = 4, rope_theta: float = 10000.0,
+                   copy_logit: float = 0.0) -> dict[str, Any]:
     """A fresh tiny Janus (Llama LM, constructed VQ-VAE, a one-layer SigLIP it never uses) + word tokenizer."""
     from transformers import JanusConfig, LlamaConfig
 
@@ -834,13 +852,14 @@ def toy_components(resolution: int = 64, seed: int = 0, hidden_size: int = 128, 
                        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_heads,
                        max_position_embeddings=2 * grid * grid + _TOY_TEXT_POSITIONS + 40,
                        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                       eos_token_id=tokenizer.eos_token_id)
+                       eos_token_id=tokenizer.eos_token_id, rope_theta=rope_theta)
     vq = _toy_vq_config(resolution, hidden_size) | {"num_embeddings": 1 + len(COLORS) * len(SHAPES)}
     vision = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "image_size": resolution,
               "patch_size": _TOY_CELL, "projection_dim": hidden_size, "mlp_ratio": 1.0, "depth": 1,
               "num_image_tokens": grid * grid}
     config = JanusConfig(text_config=text.to_dict(), vision_config=vision, vq_config=vq,
-                         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE), text_positions=_TOY_TEXT_POSITIONS)
+                         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE), text_positions=_TOY_TEXT_POSITIONS,
+                         source_copy_logit=copy_logit)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = JanusForConditionalGeneration(config)

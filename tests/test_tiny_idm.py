@@ -98,3 +98,22 @@ def test_real_sizes_have_published_parameter_counts(family: str, billions: float
         model = MODEL_CLASSES[family](config)
     assert sum(p.numel() for p in model.parameters()) / 1e9 == pytest.approx(billions, rel=0.02)
     assert processor.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "qwen2_5_vl"])
+def test_a_resized_language_model_has_the_asked_width_and_depth_and_labels(family: str, tmp_path) -> None:
+    """bench/p1_annotation.py sizes a real family's language model to set the IDM's cost per pair."""
+    from cwm_ray.config import IDMConfig
+    from cwm_ray.idm import InverseDynamicsModel
+
+    path = build_tiny_idm(family, str(tmp_path / family), hidden_size=128, num_layers=3)
+    model = AutoModelForImageTextToText.from_pretrained(path)
+    text = model.config.get_text_config()
+    assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads) == (128, 3, 2)
+    assert len(model.get_decoder().layers) == 3
+    idm = InverseDynamicsModel.load(IDMConfig(model=path, prompt="{image}{image}" + PROMPT, image_size=64,
+                                              max_new_tokens=3))
+    (label,) = idm.label(_frames(1), _frames(1))
+    assert 1 <= label.num_tokens <= 3 and math.isfinite(label.logprob)
+    with pytest.raises(ValueError, match="both"):
+        build_tiny_idm(family, str(tmp_path / "x"), hidden_size=128)

@@ -369,10 +369,38 @@ def idm_parts(family: str, size: str = "tiny") -> tuple[PretrainedConfig, Proces
     return _PARTS[family](size)
 
 
-def _save(family: str, directory: str, size: str, seed: int) -> str:
+def resized_language_model(config: PretrainedConfig, hidden_size: int, num_layers: int) -> PretrainedConfig:
+    """`config` with its language model `num_layers` deep and `hidden_size` wide (heads of 64, as Qwen2-VL-2B's
+    head dim halved; MLP 4x wide), the vision tower unchanged but for the width it hands the language model.
+
+    Why: a random IDM of a real family whose cost per pair is chosen, not fixed by a published size, so a CPU
+    bench can put the model stage where a real VLM puts it relative to decoding (bench/p1_annotation.py sizes
+    it to about 3x decoding's cost per pair). Per-pair cost grows with width^2 x depth.
+    """
+    if hidden_size % 64:
+        raise ValueError(f"hidden_size {hidden_size} is not a multiple of the head size 64")
+    heads = hidden_size // 64
+    data = config.to_dict()
+    text = data["text_config"]
+    text.pop("layer_types", None)  # one per layer: the config derives it again for the new depth
+    text.update(hidden_size=hidden_size, intermediate_size=4 * hidden_size, num_hidden_layers=num_layers,
+                num_attention_heads=heads, num_key_value_heads=heads, head_dim=64)
+    if "mrope_section" in (text.get("rope_parameters") or {}):  # Qwen's (t, h, w) split of the 32 rotary pairs
+        text["rope_parameters"] = dict(text["rope_parameters"], mrope_section=[8, 12, 12])
+    if isinstance(config, Qwen2_5_VLConfig):  # the patch merger projects into the LM's width
+        data["vision_config"]["out_hidden_size"] = hidden_size
+    elif isinstance(config, Qwen2VLConfig):
+        data["vision_config"]["hidden_size"] = hidden_size
+    return type(config).from_dict(data)
+
+
+def _save(family: str, directory: str, size: str, seed: int, lm: tuple[int, int] | None = None) -> str:
     """Random-init the family's model (seeded, without disturbing the global RNG), set the generation ids, save
-    model + processor. Real sizes are cast to bfloat16 before saving (a 7B checkpoint is 14 GB instead of 28)."""
+    model + processor. Real sizes are cast to bfloat16 before saving (a 7B checkpoint is 14 GB instead of 28).
+    `lm` = (hidden_size, num_layers) resizes the language model (`resized_language_model`)."""
     config, processor = idm_parts(family, size)
+    if lm is not None:
+        config = resized_language_model(config, *lm)
     tok = processor.tokenizer
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -410,10 +438,17 @@ def build_tiny_idefics3(directory: str, *, size: str = "tiny", seed: int = 0) ->
     return _save("idefics3", directory, size, seed)
 
 
-def build_tiny_idm(family: str, directory: str, *, size: str = "tiny", seed: int = 0) -> str:
+def build_tiny_idm(family: str, directory: str, *, size: str = "tiny", seed: int = 0,
+                   hidden_size: int | None = None, num_layers: int | None = None) -> str:
     """Save a random checkpoint of `family` (one of `IDM_FAMILIES`) into `directory` and return `directory`,
-    which `AutoModelForImageTextToText.from_pretrained` / `AutoProcessor.from_pretrained` then load by path."""
+    which `AutoModelForImageTextToText.from_pretrained` / `AutoProcessor.from_pretrained` then load by path.
+
+    `hidden_size` and `num_layers` (both or neither) resize the language model (`resized_language_model`): the
+    processor, vision tower and tokens stay those of `size`."""
     if family not in _PARTS:
         raise ValueError(f"unknown IDM family {family!r}; known: {IDM_FAMILIES}")
     _check_size(size)
-    return _save(family, directory, size, seed)
+    if (hidden_size is None) != (num_layers is None):
+        raise ValueError("give both hidden_size and num_layers, or neither")
+    lm = None if hidden_size is None or num_layers is None else (hidden_size, num_layers)
+    return _save(family, directory, size, seed, lm)

@@ -5,7 +5,7 @@ TOY_CORPUS := outputs/toy_corpus/corpus.json
 TOY_IDM := outputs/models/toy_idm/config.json
 TOY_WM := outputs/models/toy_world_model/unet/config.json
 
-.PHONY: setup demo test test-slow test-faults lint toy-models serve bench
+.PHONY: setup demo test test-faults lint toy-models serve bench
 
 setup:
 	@bash scripts/setup.sh
@@ -35,9 +35,6 @@ serve: toy-models
 test: setup
 	$(PY) -m ruff check .
 	$(PY) -m pytest
-
-test-slow: setup
-	$(PY) -m pytest -m slow
 
 test-faults: setup
 	$(PY) -m pytest -m fault

@@ -58,6 +58,9 @@ STAGING_SCHEMA = pa.schema(
 OUTPUT_COLUMNS = [f.name for f in PAIR_FIELDS + LABEL_FIELDS + WEIGHT_FIELDS]
 ERRORS_SCHEMA = ERROR_SCHEMA.append(pa.field("transient", pa.bool_()))
 """errors/errors.parquet: a `transient` row's video is retried by the next run; the others are final."""
+RAY_DATA_STATS = "ray_data_stats.txt"
+"""output/ray_data_stats.txt: Ray Data's per-operator stats of the last run (wall and CPU time, blocks, rows, and
+how long each operator was blocked or backpressured)."""
 TAR_SEP = "#"
 T = TypeVar("T")
 INCOMPLETE = ".incomplete"
@@ -232,24 +235,41 @@ def _inject_fault(cfg: AnnotateConfig, stage: str) -> None:
 
 @ray.remote(num_cpus=0)
 class StageClock:
-    """Seconds a model stage's actors spend inside the model call, summed over actors and batches.
+    """Seconds a model stage's actors spend inside the model call, summed over actors and batches, and when
+    each actor was ready (its model loaded).
 
     `summary.json`'s `stages` comes from it: how busy the IDM stage was (bench P7: decoding must never
-    starve the model stage). One tiny actor per run; each batch reports (start, end, pairs) to it.
+    starve the model stage) and how long the stage took to start. One tiny actor per run; each batch
+    reports (start, end, pairs) to it, without waiting for the answer (`report`), so the clock never holds
+    up the model.
     """
 
     def __init__(self) -> None:
         self.stats: dict[str, dict[str, float]] = {}
 
+    def ready(self, stage: str, at: float) -> None:
+        s = self.stats.setdefault(stage, {"model_seconds": 0.0, "calls": 0, "pairs": 0})
+        s["actors_ready"] = s.get("actors_ready", 0) + 1
+        s["first_ready"], s["last_ready"] = min(s.get("first_ready", at), at), max(s.get("last_ready", at), at)
+
     def add(self, stage: str, start: float, end: float, pairs: int) -> None:
-        s = self.stats.setdefault(stage, {"model_seconds": 0.0, "calls": 0, "pairs": 0, "first": start, "last": end})
+        s = self.stats.setdefault(stage, {"model_seconds": 0.0, "calls": 0, "pairs": 0})
         s["model_seconds"] += end - start
         s["calls"] += 1
         s["pairs"] += pairs
-        s["first"], s["last"] = min(s["first"], start), max(s["last"], end)
+        s["first"], s["last"] = min(s.get("first", start), start), max(s.get("last", end), end)
 
     def get(self) -> dict[str, dict[str, float]]:
         return self.stats
+
+
+def report(clock: Any, method: str, *args: Any) -> None:
+    """Tell the StageClock, fire and forget: a blocking `ray.get` here would put a round trip to another
+    process (slow on a loaded node) between every two batches of the model. Ray runs an actor's calls from
+    one caller in order, and the driver reads the clock only after the last batch has been written, long
+    after its report was sent."""
+    if clock is not None:
+        getattr(clock, method).remote(*args)
 
 
 class IDMLabeler:
@@ -263,6 +283,7 @@ class IDMLabeler:
         self.cfg = cfg
         self.filter_cfg = cfg.filter
         self.clock = clock
+        report(clock, "ready", "idm", time.time())
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         _inject_fault(self.cfg, "idm")
@@ -273,8 +294,7 @@ class IDMLabeler:
             src, tgt = batch.column("source").to_pylist(), batch.column("target").to_pylist()
             start = time.time()
             labels = self.idm.label([src[i] for i in rows], [tgt[i] for i in rows])
-            if self.clock is not None:
-                ray.get(self.clock.add.remote("idm", start, time.time(), len(rows)))
+            report(self.clock, "add", "idm", start, time.time(), len(rows))
             for i, lab in zip(rows, labels, strict=True):
                 cols["action"][i], cols["logprob"][i], cols["num_tokens"][i] = lab.action, lab.logprob, lab.num_tokens
                 cols["action_class"][i] = action_class(lab.action, self.filter_cfg)
@@ -284,11 +304,13 @@ class IDMLabeler:
 class RecognitionStage:
     """Actor stage: per-position recognition weights from the world model's own encoder (paper §Strategy 1.6)."""
 
-    def __init__(self, cfg: AnnotateConfig, res: StageResources) -> None:
+    def __init__(self, cfg: AnnotateConfig, res: StageResources, clock: Any = None) -> None:
         from cwm_ray.recognition import RecognitionWeights
 
         _set_threads(res)
         self.weights = RecognitionWeights(cfg.world_model, cfg.recognition)
+        self.clock = clock
+        report(clock, "ready", "recognition", time.time())
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         ok = pc.is_null(batch.column("error_type")).to_pylist()
@@ -298,7 +320,9 @@ class RecognitionStage:
         if rows:
             sub = {"source": np.array([batch.column("source")[i].as_py() for i in rows], dtype=object),
                    "target": np.array([batch.column("target")[i].as_py() for i in rows], dtype=object)}
+            start = time.time()
             got = self.weights(sub)
+            report(self.clock, "add", "recognition", start, time.time(), len(rows))
             for k, i in enumerate(rows):
                 w[i], shapes[i] = got["weights"][k], [int(s) for s in got["weights_shape"][k]]
         return _replace_columns(batch, {"weights": w, "weights_shape": shapes})
@@ -632,12 +656,14 @@ def annotate(cfg: AnnotateConfig) -> dict[str, Any]:
                                if cfg.decode.concurrency else {}))
         ds = ds.map_batches(IDMLabeler, fn_constructor_args=(cfg, clock),
                             **_actor_kwargs(cfg.idm_stage))
-        ds = ds.map_batches(RecognitionStage, fn_constructor_args=(cfg, cfg.recognition_stage),
+        ds = ds.map_batches(RecognitionStage, fn_constructor_args=(cfg, cfg.recognition_stage, clock),
                             **_actor_kwargs(cfg.recognition_stage))
         fs, path = storage.filesystem(_staging(cfg), cfg.storage)
         # File names carry the run id, so a resumed run never overwrites an earlier run's files.
         names = FilenameProvider(dataset_uuid=run_id, file_format="parquet")
         ds.write_parquet(path, filesystem=fs, filename_provider=names)
+        # Where the time went, per operator (Ray Data's own stats of this execution): for a run's post-mortem.
+        storage.write_text(storage.join(cfg.output, RAY_DATA_STATS), ds.stats(), cfg.storage)
     pipe_seconds = time.perf_counter() - t_pipe
     if clock is not None:
         stages = _stage_summary(ray.get(clock.get.remote()), wall_pipe, pipe_seconds, cfg)
@@ -659,15 +685,26 @@ def annotate(cfg: AnnotateConfig) -> dict[str, Any]:
 def _stage_summary(stats: dict[str, dict[str, float]], wall_start: float, seconds: float,
                    cfg: AnnotateConfig) -> dict[str, Any]:
     """Per model stage: seconds inside the model call, and the share of the pipeline's wall time (times its
-    actors) that this is (`busy_fraction`), also over the first-to-last-call window (`active_fraction`)."""
+    actors) that this is (`busy_fraction`), also over the first-to-last-call window (`active_fraction`) and
+    from the moment its last actor was ready to the end (`steady_busy_fraction`: start-up excluded).
+    `first_ready_s` / `ready_s`: when the stage's first / last actor had loaded its model, from the pipeline's
+    start (a fixed pool starts all its actors at once, so they are close)."""
     out: dict[str, Any] = {}
     for stage, s in stats.items():
         actors = max(1, (cfg.idm_stage if stage == "idm" else cfg.recognition_stage).concurrency)
-        window = s["last"] - s["first"]
-        out[stage] = {"model_seconds": round(s["model_seconds"], 3), "calls": int(s["calls"]),
-                      "pairs": int(s["pairs"]), "first_call_s": round(s["first"] - wall_start, 3),
-                      "busy_fraction": round(s["model_seconds"] / (actors * seconds), 3) if seconds > 0 else None,
-                      "active_fraction": round(s["model_seconds"] / (actors * window), 3) if window > 0 else None}
+        row: dict[str, Any] = {"model_seconds": round(s["model_seconds"], 3), "calls": int(s["calls"]),
+                               "pairs": int(s["pairs"]), "actors_ready": int(s.get("actors_ready", 0))}
+        if "first" in s:
+            window = s["last"] - s["first"]
+            row |= {"first_call_s": round(s["first"] - wall_start, 3),
+                    "busy_fraction": round(s["model_seconds"] / (actors * seconds), 3) if seconds > 0 else None,
+                    "active_fraction": round(s["model_seconds"] / (actors * window), 3) if window > 0 else None}
+        if "last_ready" in s:
+            ready = s["last_ready"] - wall_start
+            steady = seconds - ready
+            row |= {"first_ready_s": round(s["first_ready"] - wall_start, 3), "ready_s": round(ready, 3),
+                    "steady_busy_fraction": round(s["model_seconds"] / (actors * steady), 3) if steady > 0 else None}
+        out[stage] = row
     return out
 
 

@@ -915,6 +915,11 @@ class StageResources:
     batch_size: int = 32
     torch_threads: int = 0
     """Torch threads in each actor; 0 = num_cpus (Ray's default), at least 1."""
+    max_tasks_in_flight_per_actor: int = 2
+    """Model stages: batches Ray Data hands each actor before it finishes one (Ray's
+    `ActorPoolStrategy(max_tasks_in_flight_per_actor=…)`). 2 = the batch the model is on plus the next, whose
+    rows are fetched to the actor while the model runs, so a GPU never waits on the transfer; more only queues
+    batches behind a busy actor while another may sit idle at the end of the run."""
 
 
 @dataclass

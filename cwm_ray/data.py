@@ -127,5 +127,7 @@ def training_datasets(section: DataSection, cfg: StorageConfig | None = None) ->
 def actor_stage(res: Any, batch_format: str) -> dict[str, Any]:
     """`map_batches` keyword arguments of a model stage (a StageResources): a fixed actor pool, resources
     and batch size from config. One helper so annotation and evaluation size their pools alike."""
-    return {"compute": ray.data.ActorPoolStrategy(size=max(1, res.concurrency)), "num_cpus": res.num_cpus,
+    pool = ray.data.ActorPoolStrategy(size=max(1, res.concurrency),
+                                      max_tasks_in_flight_per_actor=max(1, res.max_tasks_in_flight_per_actor))
+    return {"compute": pool, "num_cpus": res.num_cpus,
             "num_gpus": res.num_gpus or None, "batch_size": res.batch_size, "batch_format": batch_format}

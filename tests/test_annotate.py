@@ -23,9 +23,9 @@ import pytest
 import ray
 
 from cwm_ray import storage
-from cwm_ray.annotate import INDEX_COLUMNS, annotate, finished_videos, list_videos, read_staging
-from cwm_ray.config import AnnotateConfig, ToyCorpusConfig, ToyWorldConfig, load
-from cwm_ray.data import read_aurora
+from cwm_ray.annotate import INDEX_COLUMNS, RAY_DATA_STATS, annotate, finished_videos, list_videos, read_staging
+from cwm_ray.config import AnnotateConfig, StageResources, ToyCorpusConfig, ToyWorldConfig, load
+from cwm_ray.data import actor_stage, read_aurora
 from cwm_ray.idm import build_toy_idm
 from cwm_ray.schema import decode_image, weights_from_bytes
 from cwm_ray.toyworld.corpus import encode_mp4, make_corpus
@@ -121,6 +121,26 @@ def test_pairs_are_real_action_segments(first_run: tuple[dict, Path], assets: di
         exact += any(before == Scene.from_dict(s["scene_before"]) and after == Scene.from_dict(s["scene_after"])
                      for s in gt["segments"])
     assert exact / len(pairs) >= 0.9, (exact, len(pairs))
+
+
+def test_summary_times_each_model_stage_and_ray_datas_stats_are_kept(first_run: tuple[dict, Path]) -> None:
+    """summary.json's `stages` (bench P7): every pair went through each model stage once, each stage's actor
+    was ready before its first call, and the busy fractions are shares of the wall time; the run's Ray Data
+    stats (where the time went, per operator) are kept beside the summary."""
+    summary, out = first_run
+    for name in ("idm", "recognition"):
+        stage = summary["stages"][name]
+        assert stage["pairs"] == summary["pairs"] and stage["actors_ready"] == 1, (name, stage)
+        assert 0 <= stage["first_ready_s"] <= stage["ready_s"] <= stage["first_call_s"], (name, stage)
+        assert 0 < stage["busy_fraction"] <= stage["steady_busy_fraction"] <= 1, (name, stage)
+    stats = (out / RAY_DATA_STATS).read_text()
+    assert "IDMLabeler" in stats and "RecognitionStage" in stats
+
+
+def test_model_stage_pools_are_fixed_and_prefetch_as_configured() -> None:
+    pool = actor_stage(StageResources(concurrency=3, max_tasks_in_flight_per_actor=4), "pyarrow")["compute"]
+    assert (pool.min_size, pool.max_size, pool.max_tasks_in_flight_per_actor) == (3, 3, 4)
+    assert actor_stage(StageResources(), "pyarrow")["compute"].max_tasks_in_flight_per_actor == 2
 
 
 @pytest.mark.fault

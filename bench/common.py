@@ -187,12 +187,13 @@ def gold_train(num_rows: int) -> str:
 
 @contextlib.contextmanager
 def private_ray(num_cpus: int | None = None) -> Iterator[float]:
-    """A private local Ray for the block (never a shared cluster); yields its start-up seconds."""
+    """A private local Ray for the block (`address="local"`: never a cluster someone else started on this
+    machine); yields its start-up seconds."""
     import ray
 
     os.environ.pop("RAY_ADDRESS", None)
     t0 = time.perf_counter()
-    ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}})
     try:
         yield time.perf_counter() - t0

@@ -2,16 +2,15 @@
 
     .venv/bin/python bench/p7_utilisation.py [the same key=value arguments as p1_annotation.py]
 
-`make bench` runs p1_annotation.py once, which prints P1, P5 and P7 from one run.
+`make bench` runs p1_annotation.py once, which prints P1 and P7 from one run.
 """
 
 from __future__ import annotations
 
 import sys
 
-from common import parse_args
-from p1_annotation import DEFAULTS, run
+from p1_annotation import main
 
 if __name__ == "__main__":
-    run(parse_args(DEFAULTS) | {"emit": "P7"})
+    main([*sys.argv[1:], "emit=P7"])
     sys.exit(0)

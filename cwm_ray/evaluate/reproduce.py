@@ -161,11 +161,12 @@ def reproduce(cfg: ReproduceConfig) -> dict[str, Any]:
             f"idm.model={idm}", *backend, *cfg.annotate_overrides])
         annotate_fp = stage(f"seed{seed}/annotate", f"{tag}annotate", annotate_cfg, [corpus_fp, idm_fp],
                             [annotate_cfg.output], storage.join(annotated, "summary.json"), annotate)
-        oracle = OracleStage(storage.join(annotated, "triplets"), corpus, storage.join(base, "oracle", "triplets"))
+        triplets = storage.join(annotated, "triplets")
+        oracle = OracleStage(triplets, corpus, storage.join(base, "oracle", "triplets"))
         oracle_fp = stage(f"seed{seed}/oracle", f"{tag}ground-truth labels", oracle, [corpus_fp, annotate_fp],
                           [oracle.output], storage.join(oracle.output, "part-00000.parquet"),
                           lambda o: relabel_with_ground_truth(o.triplets, o.corpus, o.output))
-        synthetic = {"idm": (oracle.triplets, annotate_fp), "oracle": (oracle.output, oracle_fp)}
+        synthetic = {"idm": (triplets, annotate_fp), "oracle": (oracle.output, oracle_fp)}
 
         results: dict[str, dict[str, Any]] = {}
         for row, (kind, weighted) in ROWS.items():

@@ -49,7 +49,7 @@ DEFAULTS: dict[str, Any] = {
     # stand-in for one actor per accelerator; decode tasks and the recognition actor take the rest.
     "decode_cpus": 0.25, "decode_concurrency": 0, "idm_cpus": 0.5, "idm_threads": 1, "idm_batch": 16,
     "idm_concurrency": 2, "idm_in_flight": 2, "rec_cpus": 0.25, "rec_threads": 1, "rec_batch": 64,
-    "config": "configs/annotate.yaml", "video_size": 64, "balance_repeats": 3,
+    "config": "configs/annotate.yaml", "video_size": 64, "balance_repeats": 3, "reservation": 0, "full_batches": 1,
 }
 TOY: dict[str, Any] = {
     "idm": "toy", "num_videos": 24, "emit": "P1,P5,P7", "decode_cpus": 0.5, "idm_cpus": 1.0, "idm_threads": 0,
@@ -72,7 +72,8 @@ def annotate_cfg(args: dict[str, Any], models: dict[str, str], manifest: str, ou
         f"idm_stage.num_cpus={args['idm_cpus']}", f"idm_stage.torch_threads={args['idm_threads']}",
         f"idm_stage.batch_size={args['idm_batch']}", f"idm_stage.concurrency={args['idm_concurrency']}",
         f"recognition_stage.num_cpus={args['rec_cpus']}", f"recognition_stage.torch_threads={args['rec_threads']}",
-        f"recognition_stage.batch_size={args['rec_batch']}",
+        f"recognition_stage.batch_size={args['rec_batch']}", f"full_batches={bool(args['full_batches'])}",
+        f"op_resource_reservation={bool(args['reservation'])}",
     ]
     return load(AnnotateConfig, args["config"], overrides)
 
@@ -288,7 +289,8 @@ def figures(args: dict[str, Any], rounds: list[dict[str, Any]], videos: list[str
     whole = {"pipeline_s": round(med("pipeline", "seconds"), 2), "loop_s": round(med("loop", "seconds"), 2)}
     inputs = {"videos": len(videos), "pairs": pairs, "frames": frames, "repeats": args["repeats"],
               "idm": models["idm"], "world_model": models["world_model"],
-              "stages": {k: args[k] for k in DEFAULTS if k.split("_")[0] in ("decode", "idm", "rec")}}
+              "stages": {k: args[k] for k in DEFAULTS
+                         if k.split("_")[0] in ("decode", "idm", "rec", "reservation", "full")}}
     out = []
     wanted = args["emit"].split(",")
     if "P1" in wanted:

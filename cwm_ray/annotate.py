@@ -328,6 +328,23 @@ class RecognitionStage:
         return _replace_columns(batch, {"weights": w, "weights_shape": shapes})
 
 
+def full_batches(ds: ray.data.Dataset, rows: int, num_cpus: float) -> ray.data.Dataset:
+    """`ds` re-blocked to exactly `rows` rows per block (the last block holds the rest), in a streaming pass.
+
+    Ray Data's strict streaming repartition does it, but Ray 2.60 gives `repartition` no way to ask for less
+    than its tasks' default of 1 CPU; on a node whose model actors hold the rest (2 CPUs: the IDM's 1, the
+    recognition encoder's 0.25) its tasks never started and the pipeline hung. Its logical operator carries
+    `ray_remote_args` like any map, so the re-blocking tasks are given the decode tasks' share instead.
+    """
+    out = ds.repartition(target_num_rows_per_block=rows, strict=True)
+    op = out._logical_plan.dag
+    if not hasattr(op, "ray_remote_args"):
+        raise RuntimeError(f"this Ray's repartition operator ({type(op).__name__}) takes no ray_remote_args; "
+                           "set full_batches=false")
+    object.__setattr__(op, "ray_remote_args", {**op.ray_remote_args, "num_cpus": num_cpus})
+    return out
+
+
 def _actor_kwargs(res: StageResources) -> dict[str, Any]:
     return actor_stage(res, "pyarrow")
 
@@ -649,11 +666,14 @@ def annotate(cfg: AnnotateConfig) -> dict[str, Any]:
     if todo:
         run_id = uuid.uuid4().hex[:8]
         clock = StageClock.remote()
+        ray.data.DataContext.get_current().op_resource_reservation_enabled = cfg.op_resource_reservation
         ds = ray.data.from_items(todo, override_num_blocks=min(len(todo), 1000))
         ds = ds.map_batches(extract_pairs, fn_kwargs={"cfg": cfg}, batch_size=1, batch_format="pyarrow",
                             num_cpus=cfg.decode.num_cpus,
                             **({"compute": ray.data.TaskPoolStrategy(size=cfg.decode.concurrency)}
                                if cfg.decode.concurrency else {}))
+        if cfg.full_batches:
+            ds = full_batches(ds, cfg.idm_stage.batch_size, cfg.decode.num_cpus)
         ds = ds.map_batches(IDMLabeler, fn_constructor_args=(cfg, clock),
                             **_actor_kwargs(cfg.idm_stage))
         ds = ds.map_batches(RecognitionStage, fn_constructor_args=(cfg, cfg.recognition_stage, clock),

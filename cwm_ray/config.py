@@ -943,6 +943,17 @@ class AnnotateConfig:
     recognition_stage: StageResources = field(default_factory=lambda: StageResources(
         concurrency=1, num_cpus=0.25, batch_size=64, torch_threads=1))
     """The encoder pass is cheap next to the IDM's generation; give it a sliver of a CPU (or of a GPU)."""
+    full_batches: bool = True
+    """Re-block the decoded pairs into blocks of exactly `idm_stage.batch_size` rows before the IDM (Ray Data's
+    strict streaming repartition), so every model call but the last gets a full batch. One video's pairs are one
+    block; without it an IDM task took whole blocks up to a batch and called the model with a batch and then a
+    remainder (59 calls for 554 pairs at batch 16), and a GPU call of 2 pairs costs nearly one of 16."""
+    op_resource_reservation: bool = True
+    """Ray Data's per-operator resource reservation (`DataContext.op_resource_reservation_enabled`, on by
+    default in Ray). It keeps a share of the cluster for each operator; on a small node whose model actors hold
+    most CPUs, the decode tasks' share is a quarter CPU, so one video decodes at a time and the IDM waits
+    (2 CPUs: IDM busy 0.50 of the steady time with it, 0.74 without; docs/benchmarks.md). Large clusters
+    can keep Ray's default."""
     export_aurora: bool = True
     """Also write triplets as AURORA-format `aurora/train.json` + PNGs, which the trainers read."""
     storage: StorageConfig = field(default_factory=StorageConfig)

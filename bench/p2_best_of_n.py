@@ -1,6 +1,6 @@
 """P2: best-of-N latency, N = 8 candidates in one batched call against N = 1, same models, same steps.
 
-    .venv/bin/python bench/p2_best_of_n.py [n=8 repeats=4 steps=10 threads=0]
+    .venv/bin/python bench/p2_best_of_n.py [n=8 repeats=4 steps=10 threads=0 backend=diffusion|token]
 
 One best-of-N answer is `sample(source, action, n)` (one batched denoising loop over the n candidates, with
 3-way guidance) then the verifier's `score(source, candidates, action)` (one teacher-forced pass). Timed
@@ -10,14 +10,26 @@ is N; the goal is ≤ 3. Sampling alone is reported too.
 
 from __future__ import annotations
 
+import os
 import random
 import sys
 import time
 from typing import Any
 
-from common import DEVICE, emit, interleaved, median, parse_args, toy_models
+from common import CACHE, DEVICE, emit, interleaved, median, parse_args, toy_models
 
-DEFAULTS: dict[str, Any] = {"n": 8, "repeats": 4, "steps": 10, "threads": 0, "quick": False}
+DEFAULTS: dict[str, Any] = {"n": 8, "repeats": 4, "steps": 10, "threads": 0, "quick": False, "backend": "diffusion"}
+
+
+def token_world_model() -> str:
+    """A random toy token world model (Janus architecture), built once into the bench cache: its sampling cost
+    does not depend on the weights, since it always draws all of its image tokens."""
+    from cwm_ray.world_model.token import build_toy_token_world_model
+
+    path = CACHE / "models" / "toy_token_world_model"
+    if not (path / "config.json").exists():
+        build_toy_token_world_model(str(path))
+    return str(path)
 
 
 def run(args: dict[str, Any]) -> dict[str, Any]:
@@ -34,6 +46,10 @@ def run(args: dict[str, Any]) -> dict[str, Any]:
     if args["threads"]:
         torch.set_num_threads(args["threads"])
     models = toy_models()
+    if args["backend"] == "token" and not os.environ.get("BENCH_WORLD_MODEL"):
+        models |= {"backend": "token", "world_model": token_world_model()}
+    elif args["backend"] not in ("diffusion", "token"):
+        raise SystemExit(f"backend={args['backend']!r}: use diffusion or token")
     wm = load_world_model(WorldModelConfig(backend=models["backend"], model=models["world_model"],
                                            num_inference_steps=args["steps"], device=DEVICE))
     idm = InverseDynamicsModel.load(IDMConfig(model=models["idm"], device=DEVICE))

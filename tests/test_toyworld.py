@@ -10,7 +10,7 @@ from PIL import Image
 
 from cwm_ray import storage
 from cwm_ray.config import ToyCorpusConfig, ToyWorldConfig
-from cwm_ray.toyworld.corpus import make_corpus
+from cwm_ray.toyworld.corpus import ground_truth_action, make_corpus, make_video
 from cwm_ray.toyworld.parser import judge, parse_scene
 from cwm_ray.toyworld.render import animate, render
 from cwm_ray.toyworld.world import (
@@ -229,3 +229,21 @@ def test_train_kind_weights_leave_the_test_set_and_videos_untouched(tmp_path: Pa
     with pytest.raises(ValueError, match="unknown action kinds"):
         corpus("bad", {"teleport": 1.0})
     assert not (tmp_path / "bad" / "videos").exists()  # refused before anything was written
+
+
+def test_the_oracle_labels_every_pair_that_shows_one_action() -> None:
+    """Row (b′)'s labels: a pair on the quiet frames at a motion's ends (the animation's first frame, one short
+    of its last) shows exactly the scenes before and after and gets the segment's action; a pair spanning two
+    actions, or none, gets no label."""
+    cfg = ToyWorldConfig()
+    frames, segments = make_video(random.Random(3), cfg, 6)
+    for seg in segments:
+        start, end = seg["start_frame"], seg["end_frame"]
+        for src, tgt in [(start - 1, end), (start, end - 1), (start, end)]:
+            assert ground_truth_action(segments, src, tgt) == seg["action"], (src, tgt, seg)
+        assert parse_scene(frames[start], cfg) == Scene.from_dict(seg["scene_before"])
+        assert parse_scene(frames[end - 1], cfg) == Scene.from_dict(seg["scene_after"])
+    first, second = segments[0], segments[1]
+    assert ground_truth_action(segments, first["start_frame"], second["end_frame"]) is None  # two actions
+    assert ground_truth_action(segments, first["end_frame"], second["start_frame"] - 1) is None  # still frames
+

@@ -164,14 +164,17 @@ def make_corpus(cfg: ToyCorpusConfig) -> dict[str, Any]:
 
 
 def ground_truth_action(segments: list[dict[str, Any]], src_index: int, tgt_index: int) -> str | None:
-    """The action a frame pair of a corpus video shows, from its sidecar: the one segment that starts after the
-    source frame and ends by the target frame, with no other segment overlapping the pair; else None.
+    """The action a frame pair of a corpus video shows, from its sidecar: the one segment whose motion the pair
+    overlaps; None if it overlaps none (nothing happens between its frames) or two (two actions).
 
-    A pair that spans no action, part of one, or two is not one labelled transition, and gets no label.
+    A segment's frames are its animation, `start_frame` (already eased 2 % of the way) to `end_frame` (exact);
+    the frame before `start_frame` is the still scene before. Annotation picks the quietest frames around a
+    motion, so its pairs often start on `start_frame` or end one frame short of `end_frame`, frames that still
+    render as the scenes before and after: 78 % of one run's 2,311 pairs did, and a rule that wanted the pair to
+    bracket the whole segment dropped them, leaving the oracle row a fifth of the IDM row's data.
     """
-    inside = [s for s in segments if src_index < s["start_frame"] and s["end_frame"] <= tgt_index]
-    overlapping = [s for s in segments if s["start_frame"] <= tgt_index and s["end_frame"] > src_index]
-    return str(inside[0]["action"]) if len(inside) == 1 and len(overlapping) == 1 else None
+    overlapping = [s for s in segments if src_index < s["end_frame"] and tgt_index >= s["start_frame"]]
+    return str(overlapping[0]["action"]) if len(overlapping) == 1 else None
 
 
 def relabel_with_ground_truth(triplets: str, corpus: str, output: str) -> dict[str, int]:

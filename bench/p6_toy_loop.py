@@ -1,11 +1,11 @@
-"""P6: wall time of `jobs/reproduce.py` end to end (corpus → IDM → annotation → 3 world models → evaluation).
+"""P6: wall time of `jobs/reproduce.py` end to end, one seed (corpus → IDM → annotation → 4 world models → evaluation).
 
-    .venv/bin/python bench/p6_toy_loop.py            # the full default run, about 20 minutes on 2 cores
+    .venv/bin/python bench/p6_toy_loop.py            # the full default run, one seed, under 30 minutes on 2 cores
     .venv/bin/python bench/p6_toy_loop.py --quick    # the same stages at toy-of-toy sizes (a few minutes)
 
 Runs the job as a subprocess (as a user would, Ray start-up included) into a fresh output directory with
-`reuse=false`, so nothing is skipped. The goal is an absolute one (≤ 20 minutes on 2 cores), so the
-"baseline" is the goal itself, 1200 s, and the ratio is wall time / 1200 (met when ≤ 1). `make bench`
+`reuse=false`, so nothing is skipped. The goal is an absolute one (one seed ≤ 30 minutes on 2 cores, issue 21),
+so the "baseline" is the goal itself, 1800 s, and the ratio is wall time / 1800 (met when ≤ 1). `make bench`
 runs it unless BENCH_P6=0. Extra `key=value` arguments go to reproduce.py via `overrides`.
 """
 
@@ -20,7 +20,7 @@ from typing import Any
 
 from common import CACHE, REPO, emit, parse_args
 
-DEFAULTS: dict[str, Any] = {"goal_s": 1200.0, "overrides": "", "quick": False}
+DEFAULTS: dict[str, Any] = {"goal_s": 1800.0, "overrides": "", "quick": False}
 QUICK = ["corpus_overrides=[num_videos=6,num_train=200,num_test=40]",
          "idm_overrides=[optim.max_steps=30,train.checkpoint_every=0,train.eval_every=0]",
          "world_model_overrides=[optim.max_steps=20,train.checkpoint_every=0,train.eval_every=0]",

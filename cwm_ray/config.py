@@ -952,7 +952,7 @@ class AnnotateConfig:
     """Ray Data's per-operator resource reservation (`DataContext.op_resource_reservation_enabled`, on by
     default in Ray). It keeps a share of the cluster for each operator; on a small node whose model actors hold
     most CPUs, the decode tasks' share is a quarter CPU, so one video decodes at a time and the IDM waits
-    (2 CPUs: IDM busy 0.50 of the steady time with it, 0.74 without; docs/benchmarks.md). Large clusters
+    (2 CPUs: IDM busy 0.50 of the steady time with it, 0.83 without; docs/benchmarks.md). Large clusters
     can keep Ray's default."""
     export_aurora: bool = True
     """Also write triplets as AURORA-format `aurora/train.json` + PNGs, which the trainers read."""

@@ -666,8 +666,10 @@ def annotate(cfg: AnnotateConfig) -> dict[str, Any]:
     if todo:
         run_id = uuid.uuid4().hex[:8]
         clock = StageClock.remote()
-        ray.data.DataContext.get_current().op_resource_reservation_enabled = cfg.op_resource_reservation
         ds = ray.data.from_items(todo, override_num_blocks=min(len(todo), 1000))
+        # The dataset's own context (a snapshot every derived dataset shares), so the setting is this pipeline's
+        # and leaves the process's DataContext, which later Ray Data work in the same driver reads, as it was.
+        ds.context.op_resource_reservation_enabled = cfg.op_resource_reservation
         ds = ds.map_batches(extract_pairs, fn_kwargs={"cfg": cfg}, batch_size=1, batch_format="pyarrow",
                             num_cpus=cfg.decode.num_cpus,
                             **({"compute": ray.data.TaskPoolStrategy(size=cfg.decode.concurrency)}

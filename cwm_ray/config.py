@@ -950,10 +950,10 @@ class AnnotateConfig:
     remainder (59 calls for 554 pairs at batch 16), and a GPU call of 2 pairs costs nearly one of 16."""
     op_resource_reservation: bool = True
     """Ray Data's per-operator resource reservation (`DataContext.op_resource_reservation_enabled`, on by
-    default in Ray). It keeps a share of the cluster for each operator; on a small node whose model actors hold
-    most CPUs, the decode tasks' share is a quarter CPU, so one video decodes at a time and the IDM waits
-    (2 CPUs: IDM busy 0.50 of the steady time with it, 0.83 without; docs/benchmarks.md). Large clusters
-    can keep Ray's default."""
+    default in Ray), set on the pipeline's dataset only. It keeps a share of the cluster for each operator; on
+    a small node whose model actors hold most CPUs, the decode tasks' share is a quarter CPU, so one video
+    decodes at a time and the IDM waits (2 CPUs: IDM busy 0.50 of the steady time with it, 0.83 without;
+    docs/benchmarks.md). Large clusters can keep Ray's default."""
     export_aurora: bool = True
     """Also write triplets as AURORA-format `aurora/train.json` + PNGs, which the trainers read."""
     storage: StorageConfig = field(default_factory=StorageConfig)

@@ -199,12 +199,17 @@ def test_resume_after_a_crash_redoes_only_what_was_lost(first_run: tuple[dict, P
 
 @pytest.mark.fault
 def test_a_killed_idm_actor_loses_nothing(first_run: tuple[dict, Path], assets: dict[str, Path],
-                                          tmp_path: Path) -> None:
+                                          tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     summary, out = first_run
     faulty = tmp_path / "faulty"
-    # without Ray Data's per-operator reservation (docs/benchmarks.md, P7), as small nodes run it
+    # without Ray Data's per-operator reservation (docs/benchmarks.md, P7), as small nodes run it: the pipeline's
+    # dataset carries the setting, the process's DataContext keeps Ray's default
+    made = []
+    from_items = ray.data.from_items
+    monkeypatch.setattr(ray.data, "from_items", lambda *a, **k: made.append(from_items(*a, **k)) or made[-1])
     got = annotate(_cfg(assets, str(faulty), None, "fail_once_in=idm", "op_resource_reservation=false"))
-    assert not ray.data.DataContext.get_current().op_resource_reservation_enabled
+    assert made and not made[0].context.op_resource_reservation_enabled
+    assert ray.data.DataContext.get_current().op_resource_reservation_enabled
     assert (faulty / "_fault_idm").exists()  # the actor really was killed
     assert sorted(p["id"] for p in _table(faulty / "pairs")) == sorted(p["id"] for p in _table(out / "pairs"))
     assert got["errors"] == summary["errors"]

@@ -285,7 +285,7 @@ def test_best_of_n_runs_the_prompt_once_per_input(tiny_dir: str) -> None:
         handle.remove()
     prompt, steps = lengths[0], lengths[1:]
     assert prompt[0] == 2 and prompt[1] > 64  # the prompt: one row per input
-    assert steps == [(16, 1)] * 64  # then one token per step for every candidate
+    assert steps == [(16, 1)] * 63  # then one token per step for every candidate (the last code needs no run)
 
 
 def test_full_and_lora_fine_tuning_round_trip(tiny_dir: str, tmp_path: Path) -> None:
@@ -415,3 +415,30 @@ def test_the_copy_prior_makes_an_untrained_model_copy_the_source_and_enters_the_
     with torch.no_grad():
         prior, without = float(wm.module(**batch)), float(plain.module(**batch))
     assert prior < 0.1 < without, (prior, without)
+
+
+def test_source_fusion_feeds_each_position_its_source_code_in_the_loss_and_the_sampler(tmp_path: Path) -> None:
+    """`source_fusion` in the Janus config adds each target position's own source code embedding to its input.
+    Greedy sampling must then draw exactly the teacher-forced argmax at every cell (the two paths see the same
+    inputs), and the fusion must change what the model predicts (it is applied, not just configured)."""
+    import json
+
+    path, plain_path = tmp_path / "fused", tmp_path / "plain"
+    build_toy_token_world_model(str(path), seed=0, source_fusion=1.0, **TINY)
+    wm = _load(str(path))
+    assert wm.module.source_fusion == 1.0
+    wm.cfg.token.temperature = 0.0
+    sources, actions = _images(3, 4), ACTIONS
+    drawn = wm.codes([cands[0] for cands in wm.sample(sources, actions, n=1, seed=0)])
+    source = wm.codes(sources)
+    ids, mask = wm._tokenize_text(actions)
+    with torch.no_grad():
+        logits = wm.module.eval().target_logits(source, drawn, ids, mask)
+    assert torch.equal(logits.argmax(-1), drawn)
+    wm.save(str(plain_path))
+    config = json.loads((plain_path / "config.json").read_text())
+    (plain_path / "config.json").write_text(json.dumps(config | {"source_fusion": 0.0}))
+    plain = _load(str(plain_path))
+    assert plain.module.source_fusion == 0.0
+    with torch.no_grad():
+        assert not torch.allclose(plain.module.eval().target_logits(source, drawn, ids, mask), logits)

@@ -154,6 +154,27 @@ class JanusWorldModule(nn.Module):
         """
         return float(getattr(self.model.config, "source_copy_logit", 0.0) or 0.0)
 
+    @property
+    def source_fusion(self) -> float:
+        """Scale of each target position's own source token embedding added to its input (`source_fusion` in
+        the config; 0 = none).
+
+        ControlAR's conditional decoding (Li et al., 2024), with the source image as the control: the position
+        that predicts cell p also reads the source's code at p, so whether the action touches that cell is
+        one lookup away instead of an attention across the prompt that has to be learnt first. The copy prior
+        gives copying without that attention, and with it no reason to learn it: the changed cells then had
+        nothing to go on (teacher-forced `recolor`: 0 % without it, 100 % with it; docs/experiments.md).
+        """
+        return float(getattr(self.model.config, "source_fusion", 0.0) or 0.0)
+
+    def fuse(self, embeds: torch.Tensor, source_codes: torch.Tensor) -> torch.Tensor:
+        """(B, k, H) input embeddings of the positions predicting cells i..i+k, plus `source_fusion` × the
+        embeddings of the source codes (B, k) at those cells; unchanged when `source_fusion` is 0."""
+        if not self.source_fusion:
+            return embeds
+        source = self.model.prepare_embeddings_for_image_generation(source_codes.to(embeds.device))
+        return embeds + self.source_fusion * source.to(embeds.dtype)
+
     def copy_prior(self, logits: torch.Tensor, source_codes: torch.Tensor) -> torch.Tensor:
         """`logits` (..., V) plus `copy_logit` on the aligned source codes (...), or `logits` as they are."""
         if not self.copy_logit:
@@ -219,12 +240,20 @@ class JanusWorldModule(nn.Module):
     def forward(self, source_codes: torch.Tensor, target_codes: torch.Tensor, input_ids: torch.Tensor,
                 attention_mask: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
         drop = (torch.rand(source_codes.shape[0]) < self.conditioning_dropout) if self.training else None
-        ids, is_image, mask, positions = self.layout(source_codes, input_ids, attention_mask, target_codes, drop)
-        hidden = self.model.model.language_model(inputs_embeds=self.embed(ids, is_image), attention_mask=mask,
-                                                 position_ids=positions, use_cache=False).last_hidden_state
-        n = target_codes.shape[1]  # left padding: the last n positions predict the n target codes
-        logits = self.copy_prior(self.image_logits(hidden[:, -n:]), source_codes)
+        logits = self.target_logits(source_codes, target_codes, input_ids, attention_mask, drop)
         return weighted_nll(logits, target_codes, None if weights is None else weights.flatten(1))
+
+    def target_logits(self, source_codes: torch.Tensor, target_codes: torch.Tensor, input_ids: torch.Tensor,
+                      attention_mask: torch.Tensor, drop_text: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, n, V) teacher-forced logits of the n target codes: what the sampler sees at each step."""
+        ids, is_image, mask, positions = self.layout(source_codes, input_ids, attention_mask, target_codes,
+                                                     drop_text)
+        n = target_codes.shape[1]  # left padding: the last n positions predict the n target codes
+        embeds = self.embed(ids, is_image)
+        embeds = torch.cat([embeds[:, :-n], self.fuse(embeds[:, -n:], source_codes)], dim=1)
+        hidden = self.model.model.language_model(inputs_embeds=embeds, attention_mask=mask,
+                                                 position_ids=positions, use_cache=False).last_hidden_state
+        return self.copy_prior(self.image_logits(hidden[:, -n:]), source_codes)
 
 
 class TokenWorldModel:
@@ -416,25 +445,31 @@ class TokenWorldModel:
 
         from transformers import DynamicCache
 
-        out = m.run(m.embed(ids, is_image), mask, positions, cache=DynamicCache(config=self.model.config.text_config))
+        embeds = m.embed(ids, is_image)  # its last position, the final <boi>, predicts cell 0
+        embeds = torch.cat([embeds[:, :-1], m.fuse(embeds[:, -1:], source[:, :1])], dim=1)
+        out = m.run(embeds, mask, positions, cache=DynamicCache(config=self.model.config.text_config))
         rows = rows.to(self.device)
         cache = out.cache
         cache.batch_select_indices(rows)  # branch: every candidate continues from its own copy of the prompt
         hidden, mask, positions = out.last_hidden_state[rows, -1], mask[rows], positions[rows]
         codes = []
-        aligned = source[rows].cpu()  # each candidate row's source codes, for the copy prior
-        for p in range(m.grid**2):
+        aligned = source[rows].cpu()  # each candidate row's source codes, for the copy prior and fusion
+        cells = m.grid**2
+        for p in range(cells):
             logits = m.copy_prior(m.image_logits(hidden).float().cpu(), aligned[:, p])
             if guided:
                 cond, uncond = logits.chunk(2)
                 logits = uncond + opts.guidance_scale * (cond - uncond)
             code = self._draw(logits, gens, opts.temperature, opts.top_k)
             codes.append(code)
+            if p + 1 == cells:
+                break
             step = torch.cat([code, code]) if guided else code
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
             positions = positions[:, -1:] + 1
-            out = m.run(self.model.prepare_embeddings_for_image_generation(step[:, None].to(self.device)),
-                        mask, positions, cache=cache)
+            embeds = m.fuse(self.model.prepare_embeddings_for_image_generation(step[:, None].to(self.device)),
+                            aligned[:, p + 1:p + 2])
+            out = m.run(embeds, mask, positions, cache=cache)
             hidden = out.last_hidden_state[:, -1]
         pixels = m.decode(torch.stack(codes, 1).to(self.device))
         arrays = ((pixels.permute(0, 2, 3, 1).cpu().numpy() + 1.0) * 127.5).round().clip(0, 255).astype(np.uint8)
@@ -836,7 +871,7 @@ def _construct_toy_decoder(vq: nn.Module, kinds: Sequence[tuple[str, str]], grid
 
 def toy_components(resolution: int = 64, seed: int = 0, hidden_size: int = 128, num_layers: int = 4,
                    num_heads: int = 4, rope_theta: float = 10000.0,
-                   copy_logit: float = 0.0) -> dict[str, Any]:
+                   copy_logit: float = 0.0, source_fusion: float = 1.0) -> dict[str, Any]:
     """A fresh tiny Janus (Llama LM, constructed VQ-VAE, a one-layer SigLIP it never uses) + word tokenizer."""
     from transformers import JanusConfig, LlamaConfig
 
@@ -852,19 +887,39 @@ def toy_components(resolution: int = 64, seed: int = 0, hidden_size: int = 128, 
                        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_heads,
                        max_position_embeddings=2 * grid * grid + _TOY_TEXT_POSITIONS + 40,
                        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                       eos_token_id=tokenizer.eos_token_id, rope_theta=rope_theta)
+                       eos_token_id=tokenizer.eos_token_id, rope_theta=rope_theta,
+                       initializer_range=hidden_size**-0.5)
     vq = _toy_vq_config(resolution, hidden_size) | {"num_embeddings": 1 + len(COLORS) * len(SHAPES)}
     vision = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "image_size": resolution,
               "patch_size": _TOY_CELL, "projection_dim": hidden_size, "mlp_ratio": 1.0, "depth": 1,
               "num_image_tokens": grid * grid}
     config = JanusConfig(text_config=text.to_dict(), vision_config=vision, vq_config=vq,
                          image_token_id=tokenizer.convert_tokens_to_ids(IMAGE), text_positions=_TOY_TEXT_POSITIONS,
-                         source_copy_logit=copy_logit)
+                         source_copy_logit=copy_logit, source_fusion=source_fusion)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = JanusForConditionalGeneration(config)
     _construct_toy_vq(model.model.vqmodel, resolution)
+    _balance_image_embeddings(model)
     return {"model": model.eval(), "tokenizer": tokenizer}
+
+
+@torch.no_grad()
+def _balance_image_embeddings(model: JanusForConditionalGeneration) -> None:
+    """Start the image-token input path (`generation_embeddings` → the two-layer `generation_aligner`) at the
+    text embeddings' scale, by scaling the aligner's last layer.
+
+    At a standard init (std 0.02) three small matrices in a row put the image embeddings at RMS 3e-4, under
+    the Llama's RMSNorm epsilon (1e-6, i.e. 1e-3 in RMS): the norm then crushed every image token to nearly
+    the same small vector, the model could barely tell one source code from another, and the toy learnt
+    almost nothing beyond copying. A pretrained Janus has no such problem; only a fresh one does.
+    """
+    codes = torch.arange(model.config.vq_config.num_embeddings)[None]
+    text = model.get_input_embeddings().weight.float().pow(2).mean().sqrt()
+    image = model.prepare_embeddings_for_image_generation(codes).float().pow(2).mean().sqrt()
+    last = model.model.generation_aligner.hidden_layers[-1]
+    last.weight.mul_(text / image)
+    last.bias.mul_(text / image)
 
 
 def build_toy_token_world_model(directory: str | None = None, resolution: int = 64, seed: int = 0,

@@ -1148,7 +1148,7 @@ class ReproduceConfig:
     """`jobs/reproduce.py`: the paper's ablation table in miniature on the toy world, from nothing.
 
     Each stage loads its own job's YAML (configs/toy.yaml, train_idm.yaml, annotate.yaml,
-    train_world_model.yaml, evaluate.yaml) and applies the `*_overrides` below, so the stages run
+    `world_model_config`, evaluate.yaml) and applies the `*_overrides` below, so the stages run
     exactly as the jobs do; only paths move under `output`.
     """
 
@@ -1166,6 +1166,10 @@ class ReproduceConfig:
     corpus_overrides: list[str] = field(default_factory=list)
     idm_overrides: list[str] = field(default_factory=list)
     annotate_overrides: list[str] = field(default_factory=list)
+    world_model_config: str = "train_world_model.yaml"
+    """The YAML in configs/ every row's world model trains from: train_world_model.yaml (the diffusion toy) or
+    train_token_world_model.yaml (the token toy, the paper's kind). Its backend also reaches annotation (whose
+    encoder gives the recognition weights) and evaluation."""
     world_model_overrides: list[str] = field(default_factory=list)
     evaluate_overrides: list[str] = field(default_factory=lambda: ["max_items=20"])
     """Default: 20 test items per action kind (100 items), judged for every row and N."""
@@ -1177,3 +1181,6 @@ class ReproduceConfig:
     def __post_init__(self) -> None:
         if self.seeds < 1:
             raise ConfigError(f"bad value for config key 'seeds': {self.seeds}; use 1 or more")
+        if not (REPO_ROOT / "configs" / self.world_model_config).is_file():
+            raise ConfigError(f"bad value for config key 'world_model_config': {self.world_model_config!r}; "
+                              f"no such file in {REPO_ROOT / 'configs'}")

@@ -184,6 +184,31 @@ def test_a_rerun_redoes_exactly_the_changed_stages_and_what_depends_on_them(
     assert (out / "seeds" / "0" / "models" / "world_model_b" / f"from_{crashed[0]}").exists()
 
 
+def test_world_model_config_chooses_the_rows_yaml_and_its_backend_reaches_every_stage(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`world_model_config=train_token_world_model.yaml` trains every row from the token job's YAML, and its
+    backend reaches annotation (the recognition encoder) and evaluation without a `world_model.backend` override."""
+    from cwm_ray.config import ConfigError, ReproduceConfig, load
+    from cwm_ray.evaluate.reproduce import reproduce
+
+    fake = _FakeStages(monkeypatch)
+    seen: list[tuple[str, int]] = []
+
+    def train(cfg: Any) -> None:
+        if cfg.train.name.startswith("world_model"):
+            seen.append((cfg.world_model.backend, cfg.optim.max_steps))
+        fake.train(cfg)
+
+    monkeypatch.setattr("cwm_ray.train.train", train)
+    table = reproduce(load(ReproduceConfig, None, [f"output={tmp_path / 'repro'}", "best_of=[1]",
+                                                   "world_model_config=train_token_world_model.yaml"]))
+    assert ("annotate", "token") in fake.calls
+    assert [r["toy_score"] for r in table["rows"] if r["row"] != "copy the source"] == [0.45] * 4  # token evaluation
+    assert seen == [("token", 1200)] * 4  # the token YAML's own steps
+    with pytest.raises(ConfigError, match="world_model_config"):
+        load(ReproduceConfig, None, ["world_model_config=no_such.yaml"])
+
+
 def test_the_table_gives_mean_and_spread_over_seeds_and_judges_each_claim_against_it() -> None:
     from cwm_ray.evaluate.reproduce import build_table, markdown
 

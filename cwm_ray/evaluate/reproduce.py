@@ -137,9 +137,11 @@ def reproduce(cfg: ReproduceConfig) -> dict[str, Any]:
     corpus_cfg = load(ToyCorpusConfig, _yaml("toy.yaml"), [f"output={corpus}", *cfg.corpus_overrides])
     corpus_fp = stage("corpus", "corpus", corpus_cfg, [], [corpus_cfg.output], storage.join(corpus, "corpus.json"),
                       make_corpus)
-    # The world model's backend (e.g. world_model.backend=token) also decides whose encoder gives the
+    # The world model's backend (its YAML's, or world_model.backend=token) also decides whose encoder gives the
     # recognition weights at annotation, and how the models are evaluated.
-    backend = [o for o in cfg.world_model_overrides if o.startswith("world_model.backend=")]
+    world_model_yaml = _yaml(cfg.world_model_config)
+    backend = [f"world_model.backend="
+               f"{load(TrainWorldModelConfig, world_model_yaml, cfg.world_model_overrides).world_model.backend}"]
 
     per_seed: dict[int, dict[str, Any]] = {}
     for seed in range(cfg.seeds):
@@ -177,7 +179,7 @@ def reproduce(cfg: ReproduceConfig) -> dict[str, Any]:
                 sources = f"[{{uri: '{gold}'}}, {{uri: '{uri}', weight: {cfg.synthetic_weight}}}]"
                 inputs = [corpus_fp, fp]
             wm_fp = train_stage(f"seed{seed}/world_model_{row}", f"{tag}world model {ROW_NAMES[row]}", load(
-                TrainWorldModelConfig, _yaml("train_world_model.yaml"), [
+                TrainWorldModelConfig, world_model_yaml, [
                     f"data.sources={sources}", f"recognition.enabled={str(weighted).lower()}",
                     f"train.storage_path={runs}", f"train.name=world_model_{row}", f"train.export={wm}",
                     f"optim.seed={seed}", *cfg.world_model_overrides]), inputs)

@@ -97,7 +97,9 @@ def test_target_codes_alone_drive_the_loss(tiny_dir: str) -> None:
     batch = wm.collate(_batch())
     src, tgt = batch["source_codes"], batch["target_codes"]
     ids, is_image, mask, positions = m.layout(src, batch["input_ids"], batch["attention_mask"], tgt)
-    hidden = m.model.model.language_model(inputs_embeds=m.embed(ids, is_image), attention_mask=mask,
+    embeds = m.embed(ids, is_image)
+    embeds[:, -tgt.shape[1]:] = m.fuse(embeds[:, -tgt.shape[1]:], src)  # each target position reads its source
+    hidden = m.model.model.language_model(inputs_embeds=embeds, attention_mask=mask,
                                           position_ids=positions).last_hidden_state
     logits = m.image_logits(hidden[:, -tgt.shape[1]:])
     manual = F.cross_entropy(logits.flatten(0, 1), tgt.flatten())
@@ -216,7 +218,8 @@ def _sample_unshared(wm: TokenWorldModel, sources: list[bytes], actions: list[st
                      seed: int | list[int]) -> list[list[np.ndarray]]:
     """The sampler as it was before the prompt was shared: every candidate runs its own copy of the prompt.
 
-    Kept as the reference the shared-prefix sampler must match token for token (same seeds, same images).
+    Kept as the reference the shared-prefix sampler must match token for token (same seeds, same images); it
+    fuses each position's source code into its input as `TokenWorldModel.sample` does (`source_fusion`).
     """
     from transformers import DynamicCache
 
@@ -237,9 +240,11 @@ def _sample_unshared(wm: TokenWorldModel, sources: list[bytes], actions: list[st
     gens = [torch.Generator().manual_seed(candidate_seed(s, i, j))
             for (s, i), k in zip(seeds, counts, strict=True) for j in range(k)]
     with torch.no_grad():
-        out = m.run(m.embed(ids, is_image), mask, positions, cache=DynamicCache(config=wm.model.config.text_config))
+        embeds = m.embed(ids, is_image)
+        embeds[:, -1] = m.fuse(embeds[:, -1:], source[:, :1])[:, 0]
+        out = m.run(embeds, mask, positions, cache=DynamicCache(config=wm.model.config.text_config))
         codes = []
-        for _ in range(m.grid**2):
+        for p in range(m.grid**2):
             logits = m.image_logits(out.last_hidden_state[:, -1]).float()
             if guided:
                 cond, uncond = logits.chunk(2)
@@ -249,8 +254,9 @@ def _sample_unshared(wm: TokenWorldModel, sources: list[bytes], actions: list[st
             step = torch.cat([code, code]) if guided else code
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
             positions = positions[:, -1:] + 1
-            out = m.run(wm.model.prepare_embeddings_for_image_generation(step[:, None]), mask, positions,
-                        cache=out.cache)
+            fused = m.fuse(wm.model.prepare_embeddings_for_image_generation(step[:, None]),
+                           source[:, p + 1:p + 2] if p + 1 < m.grid**2 else source[:, :1])
+            out = m.run(fused, mask, positions, cache=out.cache)
         pixels = m.decode(torch.stack(codes, 1))
     arrays = ((pixels.permute(0, 2, 3, 1).numpy() + 1.0) * 127.5).round().clip(0, 255).astype(np.uint8)
     ends = np.cumsum(counts).tolist()

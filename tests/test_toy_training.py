@@ -1,9 +1,10 @@
-"""The toy targets, end to end with the jobs' default configs (about 10 minutes on 2 cores, in every CI run).
+"""The toy targets, end to end with the jobs' default configs (about 14 minutes on 2 cores, in every CI run).
 
-Trains the toy IDM and world model exactly as `jobs/train_*.py` do with no arguments (only the output
-paths move to a temporary directory), then checks the targets docs/experiments.md reports: the IDM's actions
-explain the test pairs, the world model beats copying the source on the toy judge, best-of-4 verified by the
-IDM beats one sample, and annotation with the trained IDM keeps triplets whose actions explain their frames.
+Trains the toy IDM and the token world model exactly as `jobs/train_idm.py` and `jobs/train_world_model.py
+--config configs/train_token_world_model.yaml` do (only the output paths move to a temporary directory), then
+checks the targets docs/experiments.md reports: the IDM's actions explain the test pairs, the world model scores
+at least 5/10 on the toy judge with one sample (copying the source: 0), best-of-4 verified by the IDM beats one
+sample, and annotation with the trained IDM keeps triplets whose actions explain their frames.
 
 Why in the default suite and not behind `-m slow`: a change that breaks learning (a loss, a schedule, a
 prompt, a sampler) passes every unit test; only training shows it, and a gate nobody runs guards nothing.
@@ -27,7 +28,7 @@ from cwm_ray.idm import InverseDynamicsModel
 from cwm_ray.toyworld.parser import judge
 from cwm_ray.world_model import load_world_model
 
-# The module's fixture trains both toy models (about 10 minutes on a quiet 2-core machine; 15 under load),
+# The module's fixture trains both toy models (about 14 minutes on a quiet 2-core machine; 20 under load),
 # which counts against the first test's time: the suite's 900 s per test is too short for it.
 pytestmark = pytest.mark.timeout(2400)
 REPO = Path(__file__).resolve().parents[1]
@@ -48,7 +49,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     _run("make_toy_corpus.py", f"output={corpus}")
     gold = f"data.sources=[{{uri: {corpus / 'gold' / 'train.json'}}}]"
     _run("train_idm.py", gold, f"train.storage_path={runs}", f"train.export={root / 'idm'}")
-    _run("train_world_model.py", gold, f"train.storage_path={runs}", f"train.export={root / 'wm'}")
+    _run("train_world_model.py", "--config", "configs/train_token_world_model.yaml", gold,
+         f"train.storage_path={runs}", f"train.export={root / 'wm'}")
     return {"root": root, "corpus": corpus, "idm": root / "idm", "wm": root / "wm"}
 
 
@@ -74,8 +76,11 @@ def test_trained_idm_verifier_prefers_the_true_target(trained: dict[str, Path]) 
     assert np.mean([w[0] > w[1] for w in wins]) >= 0.9
 
 
-def test_world_model_beats_copying_the_source(trained: dict[str, Path]) -> None:
-    wm = load_world_model(WorldModelConfig(model=str(trained["wm"]), device="cpu"))
+def test_world_model_does_the_edits(trained: dict[str, Path]) -> None:
+    """The token toy (the paper's kind of world model), one sample each at temperature 1, on the toy judge: at
+    least 5/10 where copying the source scores 0 (issue 21's goal is 6; docs/experiments.md has the runs: 5.7-7.3
+    on 100 items, so 5 leaves room for run-to-run spread and still fails any model that stops doing edits)."""
+    wm = load_world_model(WorldModelConfig(backend="token", model=str(trained["wm"]), device="cpu"))
     items = _test_items(trained["corpus"])[:100]
     base = trained["corpus"] / "gold"
     src = [Image.open(base / it["input"]).convert("RGB") for it in items]
@@ -83,15 +88,15 @@ def test_world_model_beats_copying_the_source(trained: dict[str, Path]) -> None:
     preds = [c[0] for i in range(0, len(items), 25) for c in wm.sample(src[i:i + 25], actions[i:i + 25], n=1)]
     model = np.mean([judge(s, a, p.resize(s.size), WORLD).score for s, a, p in zip(src, actions, preds, strict=True)])
     copy = np.mean([judge(s, a, s, WORLD).score for s, a in zip(src, actions, strict=True)])
-    # Copying scores exactly 0 (the edit is never done); 0.2 over it needs a few edits done right, not noise.
-    assert model > copy + 0.2, (model, copy)
+    assert copy == 0.0 and model >= 5.0, (model, copy)
 
 
 def test_best_of_4_verified_by_the_idm_beats_one_sample(trained: dict[str, Path]) -> None:
     """The paper's Strategy 2 through the evaluation job: the same first candidate is best-of-1, so the gain is
     the verifier's choice alone."""
     out = trained["root"] / "eval_best_of"
-    _run("evaluate.py", f"bench={trained['corpus'] / 'gold' / 'test.json'}", f"world_model.model={trained['wm']}",
+    _run("evaluate.py", f"bench={trained['corpus'] / 'gold' / 'test.json'}", "world_model.backend=token",
+         f"world_model.model={trained['wm']}",
          f"idm.model={trained['idm']}", "best_of=[1,4]", "max_items=20", f"output={out}", "report_examples=0")
     overall = json.loads((out / "results.json").read_text())["summary"]["overall"]
     score = {r["best_of"]: r["toy_score"] for r in overall if r["system"] == "world_model"}

@@ -163,7 +163,8 @@ class JanusWorldModule(nn.Module):
         that predicts cell p also reads the source's code at p, so whether the action touches that cell is
         one lookup away instead of an attention across the prompt that has to be learnt first. The copy prior
         gives copying without that attention, and with it no reason to learn it: the changed cells then had
-        nothing to go on (teacher-forced `recolor`: 0 % without it, 100 % with it; docs/experiments.md).
+        nothing to go on (toy, 1785 steps, teacher-forced: `recolor` 0 % without fusion, 95 % with it; whole
+        images right 7 % and 86 %; docs/experiments.md).
         """
         return float(getattr(self.model.config, "source_fusion", 0.0) or 0.0)
 
@@ -911,8 +912,9 @@ def _balance_image_embeddings(model: JanusForConditionalGeneration) -> None:
 
     At a standard init (std 0.02) three small matrices in a row put the image embeddings at RMS 3e-4, under
     the Llama's RMSNorm epsilon (1e-6, i.e. 1e-3 in RMS): the norm then crushed every image token to nearly
-    the same small vector, the model could barely tell one source code from another, and the toy learnt
-    almost nothing beyond copying. A pretrained Janus has no such problem; only a fresh one does.
+    the same small vector, so the model could barely tell one source code from another. With the source fused
+    in but that init the toy's loss still stood at 0.085 after 700 steps; with this one it was 0.042 by step
+    500. A pretrained Janus has no such problem; only a fresh one does.
     """
     codes = torch.arange(model.config.vq_config.num_embeddings)[None]
     text = model.get_input_embeddings().weight.float().pow(2).mean().sqrt()

@@ -169,12 +169,13 @@ class JanusWorldModule(nn.Module):
         return float(getattr(self.model.config, "source_fusion", 0.0) or 0.0)
 
     def fuse(self, embeds: torch.Tensor, source_codes: torch.Tensor) -> torch.Tensor:
-        """(B, k, H) input embeddings of the positions predicting cells i..i+k, plus `source_fusion` × the
-        embeddings of the source codes (B, k) at those cells; unchanged when `source_fusion` is 0."""
+        """(B, L, H) input embeddings whose last k positions predict cells i..i+k, with `source_fusion` × the
+        embeddings of the source codes (B, k) at those cells added there; unchanged when `source_fusion` is 0."""
         if not self.source_fusion:
             return embeds
+        k = source_codes.shape[1]
         source = self.model.prepare_embeddings_for_image_generation(source_codes.to(embeds.device))
-        return embeds + self.source_fusion * source.to(embeds.dtype)
+        return torch.cat([embeds[:, :-k], embeds[:, -k:] + self.source_fusion * source.to(embeds.dtype)], dim=1)
 
     def copy_prior(self, logits: torch.Tensor, source_codes: torch.Tensor) -> torch.Tensor:
         """`logits` (..., V) plus `copy_logit` on the aligned source codes (...), or `logits` as they are."""
@@ -250,8 +251,7 @@ class JanusWorldModule(nn.Module):
         ids, is_image, mask, positions = self.layout(source_codes, input_ids, attention_mask, target_codes,
                                                      drop_text)
         n = target_codes.shape[1]  # left padding: the last n positions predict the n target codes
-        embeds = self.embed(ids, is_image)
-        embeds = torch.cat([embeds[:, :-n], self.fuse(embeds[:, -n:], source_codes)], dim=1)
+        embeds = self.fuse(self.embed(ids, is_image), source_codes)
         hidden = self.model.model.language_model(inputs_embeds=embeds, attention_mask=mask,
                                                  position_ids=positions, use_cache=False).last_hidden_state
         return self.copy_prior(self.image_logits(hidden[:, -n:]), source_codes)
@@ -446,8 +446,7 @@ class TokenWorldModel:
 
         from transformers import DynamicCache
 
-        embeds = m.embed(ids, is_image)  # its last position, the final <boi>, predicts cell 0
-        embeds = torch.cat([embeds[:, :-1], m.fuse(embeds[:, -1:], source[:, :1])], dim=1)
+        embeds = m.fuse(m.embed(ids, is_image), source[:, :1])  # the final <boi> predicts cell 0
         out = m.run(embeds, mask, positions, cache=DynamicCache(config=self.model.config.text_config))
         rows = rows.to(self.device)
         cache = out.cache

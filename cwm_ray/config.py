@@ -1158,6 +1158,10 @@ class ReproduceConfig:
     corpus; the table gives each figure's mean ± spread (sample standard deviation) over seeds, and a difference
     between rows counts only beyond the spread. 3 to judge the table's claims."""
     best_of: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    best_of_rows: list[str] = field(default_factory=lambda: ["b", "c"])
+    """Rows (a, b, b_oracle, c) whose world model is also evaluated at best-of-N for N in `best_of`; the others with
+    one sample. (b) as well as the paper's (c): while recognition weighting costs the scene (row c's minimal edit),
+    best-of-N over (c) has nothing to choose from, and what N adds shows on (b)."""
     synthetic_weight: float = 1.0
     """Sampling weight of the synthetic triplets beside the gold set (rows b, b′ and c)."""
     reuse: bool = True
@@ -1181,6 +1185,9 @@ class ReproduceConfig:
     def __post_init__(self) -> None:
         if self.seeds < 1:
             raise ConfigError(f"bad value for config key 'seeds': {self.seeds}; use 1 or more")
+        unknown = [r for r in self.best_of_rows if r not in ("a", "b", "b_oracle", "c")]
+        if unknown:
+            raise ConfigError(f"bad value for config key 'best_of_rows': {unknown}; rows are a, b, b_oracle, c")
         if not (REPO_ROOT / "configs" / self.world_model_config).is_file():
             raise ConfigError(f"bad value for config key 'world_model_config': {self.world_model_config!r}; "
                               f"no such file in {REPO_ROOT / 'configs'}")

@@ -30,8 +30,9 @@ def test_reduced_reproduce_end_to_end(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     table = json.loads((out / "table.json").read_text())
     names = [r["row"] for r in table["rows"]]
-    assert names == ["(a) gold only", "(b) + IDM-labelled synthetic", "(b′) + the same synthetic, true labels",
-                     "(c) + recognition weighting", "(c) + recognition weighting + best-of-2", "copy the source"]
+    assert names == ["(a) gold only", "(b) + IDM-labelled synthetic", "(b) + IDM-labelled synthetic + best-of-2",
+                     "(b′) + the same synthetic, true labels", "(c) + recognition weighting",
+                     "(c) + recognition weighting + best-of-2", "copy the source"]
     assert all(r["toy_score"] is not None and r["items"] == 5 and r["seeds"] == 1 for r in table["rows"])
     assert table["idm_explains"] is not None
     assert (out / "table.md").read_text().startswith("| world model |")
@@ -207,6 +208,8 @@ def test_world_model_config_chooses_the_rows_yaml_and_its_backend_reaches_every_
     assert seen == [("token", 1500)] * 4  # the token YAML's own steps
     with pytest.raises(ConfigError, match="world_model_config"):
         load(ReproduceConfig, None, ["world_model_config=no_such.yaml"])
+    with pytest.raises(ConfigError, match="best_of_rows"):
+        load(ReproduceConfig, None, ["best_of_rows=[b,d]"])
 
 
 def test_the_table_gives_mean_and_spread_over_seeds_and_judges_each_claim_against_it() -> None:
@@ -220,8 +223,8 @@ def test_the_table_gives_mean_and_spread_over_seeds_and_judges_each_claim_agains
         return rows
 
     per_seed = {
-        0: {"rows": summary({"a": [2.0], "b": [4.0], "b_oracle": [4.1], "c": [3.0, 3.5]}), "idm_explains": 0.9},
-        1: {"rows": summary({"a": [3.0], "b": [5.0], "b_oracle": [4.9], "c": [4.0, 4.4]}), "idm_explains": 1.0},
+        0: {"rows": summary({"a": [2.0], "b": [4.0, 6.0], "b_oracle": [4.1], "c": [3.0, 3.5]}), "idm_explains": 0.9},
+        1: {"rows": summary({"a": [3.0], "b": [5.0, 7.1], "b_oracle": [4.9], "c": [4.0, 4.4]}), "idm_explains": 1.0},
     }
     table = build_table(per_seed)
     row = {r["row"]: r for r in table["rows"]}
@@ -232,7 +235,9 @@ def test_the_table_gives_mean_and_spread_over_seeds_and_judges_each_claim_agains
     claims = {c["claim"]: c for c in table["comparisons"]}
     assert claims["synthetic data helps"]["difference"] == 2.0 and claims["synthetic data helps"]["beyond_spread"]
     assert claims["label noise costs"]["beyond_spread"] is False  # 4.5 vs 4.5: no difference
-    assert claims["best-of-2 beats best-of-1"]["beyond_spread"] is False  # +0.45 < 0.71 + 0.64
+    assert claims["(c) best-of-2 beats best-of-1"]["beyond_spread"] is False  # +0.45 < 0.71 + 0.64
+    assert abs(claims["(b) best-of-2 beats best-of-1"]["difference"] - 2.05) < 1e-12  # each row on its own
+    assert claims["(b) best-of-2 beats best-of-1"]["beyond_spread"]  # 2.05 > 0.71 + 0.78
     assert abs(table["idm_explains"] - 0.95) < 1e-12
     text = markdown(table)
     assert "2.50 ± 0.71" in text and "synthetic data helps" in text and "beyond the spread" in text

@@ -1,8 +1,8 @@
 """The paper's ablation table in miniature (PAPER.md §Strategy 1–2), on the toy world, from nothing.
 
     corpus ─► IDM on gold ─► annotate the unlabelled videos ─► world models
-        (a) gold only   (b) gold + synthetic   (c) gold + synthetic + recognition weighting
-    ─► evaluate each on the toy test set with best-of-N, N ∈ best_of ─► table.md / table.json / report
+        (a) gold only   (b) gold + synthetic   (b′) the same, true labels   (c) (b) + recognition weighting
+    ─► evaluate each on the toy test set (rows in best_of_rows with best-of-N, N ∈ best_of) ─► table.md / .json / report
 
 Each stage is the same library call its job makes, configured from that job's YAML plus overrides, in
 one process and one Ray instance.
@@ -183,7 +183,7 @@ def reproduce(cfg: ReproduceConfig) -> dict[str, Any]:
                     f"data.sources={sources}", f"recognition.enabled={str(weighted).lower()}",
                     f"train.storage_path={runs}", f"train.name=world_model_{row}", f"train.export={wm}",
                     f"optim.seed={seed}", *cfg.world_model_overrides]), inputs)
-            best_of = cfg.best_of if row == "c" else [1]
+            best_of = cfg.best_of if row in cfg.best_of_rows else [1]
             eval_cfg = load(EvaluateConfig, _yaml("evaluate.yaml"), [
                 f"bench={test}", f"world_model.model={wm}", f"idm.model={idm}",
                 f"best_of=[{','.join(str(n) for n in best_of)}]", f"output={out}", f"seed={seed}", *backend,
@@ -240,8 +240,10 @@ def build_table(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
         return next((r for r in rows if r["key"] == row and r["best_of"] == n), None)
 
     pairs = [(find(a), find(b), claim) for a, b, claim in COMPARISONS]
-    ns = sorted({r["best_of"] for r in rows if r["key"] == "c"})
-    pairs += [(find("c", n), find("c", m), f"best-of-{n} beats best-of-{m}") for m, n in zip(ns, ns[1:], strict=False)]
+    for key in ROWS:
+        ns = sorted({r["best_of"] for r in rows if r["key"] == key})
+        pairs += [(find(key, n), find(key, m), f"{ROW_NAMES[key].split()[0]} best-of-{n} beats best-of-{m}")
+                  for m, n in zip(ns, ns[1:], strict=False)]
     comparisons = [compare(x, y, claim) for x, y, claim in pairs if x is not None and y is not None]
     idm = _mean_spread([s["idm_explains"] for s in per_seed.values()])
     return {"rows": rows, "columns": COLUMNS, "seeds": len(per_seed), "comparisons": comparisons,

@@ -609,6 +609,12 @@ class RecognitionConfig:
     """False = all-ones weights (the unweighted ablation), through the same code path."""
     floor: float = 0.1
     """After normalising to mean 1, weights are at least this, so unchanged regions still count."""
+    uniform_by: float | None = None
+    """Fraction of `optim.max_steps` over which the weights fade linearly to uniform (w → 1 + s·(w − 1), s from 1
+    to 0), then stay uniform; None keeps them throughout, as the paper does. Why: a loss weight that depends on
+    the target tilts the trained distribution towards the heavy targets (the optimum of Σ p(y)·w(y)·−log q(y) is
+    q ∝ p·w), and on the toy, trained from scratch, that makes every unchanged token a likely change
+    (docs/experiments.md, "Recognition weighting on the token toy"); uniform at the end restores the optimum."""
 
 
 @dataclass

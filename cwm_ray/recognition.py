@@ -41,6 +41,15 @@ def recognition_weights(source_features: torch.Tensor, target_features: torch.Te
     return torch.where(changed, w, torch.ones_like(w))
 
 
+def fade_to_uniform(weights: torch.Tensor, cfg: RecognitionConfig, step: int, max_steps: int) -> torch.Tensor:
+    """`weights` at training step `step` under `cfg.uniform_by`: 1 + s·(w − 1), s falling linearly from 1 at step 0
+    to 0 at uniform_by · max_steps. The mix keeps each map's mean at 1, as `recognition_weights` makes it."""
+    if cfg.uniform_by is None or not cfg.enabled:
+        return weights
+    s = max(0.0, 1.0 - step / max(1.0, cfg.uniform_by * max_steps))
+    return 1.0 + s * (weights - 1.0)
+
+
 class RecognitionWeights:
     """A Ray Data `map_batches` actor: adds `weights` (float16 bytes) and `weights_shape` ([h, w]) columns.
 

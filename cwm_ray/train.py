@@ -37,6 +37,7 @@ from transformers import get_scheduler
 from cwm_ray import storage
 from cwm_ray.config import TrainIDMConfig, TrainWorldModelConfig
 from cwm_ray.data import LOAD_TASK_CPUS, training_datasets
+from cwm_ray.recognition import fade_to_uniform
 
 TrainConfig = TrainIDMConfig | TrainWorldModelConfig
 STATE_FILE = "state.json"
@@ -473,7 +474,11 @@ def train_func(config: dict[str, Any]) -> None:
                 # is surely registered, so the injected death tests resuming rather than that race.
                 time.sleep(5)
                 os._exit(1)
-            loss = engine.loss(_to_device(model.collate(batch), device))
+            collated = model.collate(batch)
+            recognition = getattr(cfg, "recognition", None)  # world models only
+            if recognition is not None and collated.get("weights") is not None:
+                collated["weights"] = fade_to_uniform(collated["weights"], recognition, step, cfg.optim.max_steps)
+            loss = engine.loss(_to_device(collated, device))
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss.item()} at step {step}")
             engine.step(loss)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cwm_ray.config import RecognitionConfig, ToyWorldConfig, WorldModelConfig
-from cwm_ray.recognition import RecognitionWeights, recognition_weights
+from cwm_ray.recognition import RecognitionWeights, fade_to_uniform, recognition_weights
 from cwm_ray.schema import encode_image, weights_from_bytes
 from cwm_ray.toyworld.render import render
 from cwm_ray.toyworld.world import Obj, Scene
@@ -34,6 +34,19 @@ def test_high_where_source_and_target_differ() -> None:
     assert w[0][changed].min() > 10 * w[0][~changed].max()
     torch.testing.assert_close(w[0][~changed], torch.full((60,), 0.1))  # unchanged positions get the floor
     assert torch.all(w[1] == 1)  # identical images: all ones
+
+
+def test_fade_to_uniform_keeps_the_mean_and_reaches_uniform_at_its_fraction_of_training() -> None:
+    src, tgt = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1)), torch.zeros(2, 4, 8, 8)
+    w = recognition_weights(src, tgt, floor=0.1)
+    fade = RecognitionConfig(uniform_by=0.5)
+    torch.testing.assert_close(fade_to_uniform(w, fade, 0, 1000), w)  # the paper's weights at the start
+    half = fade_to_uniform(w, fade, 250, 1000)  # halfway to uniform: halfway between w and 1
+    torch.testing.assert_close(half, (w + 1) / 2)
+    torch.testing.assert_close(half.mean(dim=(1, 2)), torch.ones(2))
+    assert torch.all(fade_to_uniform(w, fade, 500, 1000) == 1) and torch.all(fade_to_uniform(w, fade, 999, 1000) == 1)
+    assert torch.equal(fade_to_uniform(w, RecognitionConfig(), 999, 1000), w)  # None: weighted throughout
+    assert torch.equal(fade_to_uniform(w, RecognitionConfig(enabled=False, uniform_by=0.5), 0, 1000), w)
 
 
 def test_shape_mismatch_is_an_error() -> None:

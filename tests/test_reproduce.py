@@ -147,16 +147,16 @@ def test_a_rerun_redoes_exactly_the_changed_stages_and_what_depends_on_them(
     wm = ["world_model_a", "world_model_b", "world_model_b_oracle", "world_model_c"]
     evals = ["evaluate"] * 4
     per_row = [step for pair in zip(wm, evals, strict=True) for step in pair]
-    assert run() == [0.95] * 5  # evaluate.yaml's max_items=20
+    assert run() == [0.95] * 6  # evaluate.yaml's max_items=20
     assert fake.ran() == ["corpus", "idm", "eval_idm", "annotate", "oracle", *per_row]
     capsys.readouterr()
-    assert run() == [0.95] * 5 and fake.ran() == []  # unchanged: every stage skipped
+    assert run() == [0.95] * 6 and fake.ran() == []  # unchanged: every stage skipped
     assert capsys.readouterr().out.count("done already") == 13
     runs = out / "seeds" / "0" / "runs"
     old_runs = sorted(p.name for p in runs.iterdir())
 
     token = "world_model_overrides=[world_model.backend=token]"
-    assert run(token) == [0.45] * 5  # the new backend's numbers, not the old ones
+    assert run(token) == [0.45] * 6  # the new backend's numbers, not the old ones
     ran = fake.ran()  # the backend also reaches annotation (its recognition encoder); corpus and IDM stay
     assert sorted(ran) == sorted(["annotate", "oracle", *wm, *evals]) and ran[0] == "annotate"
     # Fresh runs and outputs: nothing of the diffusion runs is resumed, kept or counted.
@@ -165,13 +165,13 @@ def test_a_rerun_redoes_exactly_the_changed_stages_and_what_depends_on_them(
     assert [p.name for p in (out / "seeds" / "0" / "annotated" / "staging").iterdir()] == ["token.parquet"]
     assert [p.name for p in (out / "seeds" / "0" / "models" / "world_model_a").glob("from_*")] == [
         f"from_{new_runs[1]}"]
-    assert run(token) == [0.45] * 5 and fake.ran() == []
+    assert run(token) == [0.45] * 6 and fake.ran() == []
 
-    assert run(token, "evaluate_overrides=[max_items=30]") == [0.55] * 5 and fake.ran() == evals
+    assert run(token, "evaluate_overrides=[max_items=30]") == [0.55] * 6 and fake.ran() == evals
     steps = "world_model_overrides=[world_model.backend=token,optim.max_steps=7]"
-    assert run(steps, "evaluate_overrides=[max_items=30]") == [0.55] * 5
+    assert run(steps, "evaluate_overrides=[max_items=30]") == [0.55] * 6
     assert fake.ran() == per_row
-    assert run("reuse=false") == [0.95] * 5 and len(fake.ran()) == 13
+    assert run("reuse=false") == [0.95] * 6 and len(fake.ran()) == 13
 
     # A stage that crashed is resumed under the same config: same run name, its output kept.
     fake.fail_at = "world_model_b"
@@ -180,7 +180,7 @@ def test_a_rerun_redoes_exactly_the_changed_stages_and_what_depends_on_them(
     crashed = [arg for kind, arg in fake.calls if arg.startswith("world_model_b")]
     assert fake.ran() == ["annotate", "oracle", wm[0], "evaluate", wm[1]]  # back to the token backend from diffusion
     fake.fail_at = None
-    assert run(steps) == [0.45] * 5
+    assert run(steps) == [0.45] * 6
     assert fake.calls[0] == ("train", crashed[0]) and fake.ran() == per_row[2:]
     assert (out / "seeds" / "0" / "models" / "world_model_b" / f"from_{crashed[0]}").exists()
 

@@ -616,6 +616,11 @@ class RecognitionConfig:
     q ∝ p·w), and on the toy, trained from scratch, that makes every unchanged token a likely change
     (docs/experiments.md, "Recognition weighting on the token toy"); uniform at the end restores the optimum."""
 
+    def __post_init__(self) -> None:
+        if self.uniform_by is not None and not 0.0 < self.uniform_by <= 1.0:
+            raise ConfigError(f"bad value for config key 'uniform_by': {self.uniform_by}; use a fraction of "
+                              f"training in (0, 1], or null to keep the weights throughout")
+
 
 @dataclass
 class TokenSamplingConfig:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from cwm_ray.config import RecognitionConfig, ToyWorldConfig, WorldModelConfig
+from cwm_ray.config import ConfigError, RecognitionConfig, ToyWorldConfig, WorldModelConfig
 from cwm_ray.recognition import RecognitionWeights, fade_to_uniform, recognition_weights
 from cwm_ray.schema import encode_image, weights_from_bytes
 from cwm_ray.toyworld.render import render
@@ -47,6 +47,9 @@ def test_fade_to_uniform_keeps_the_mean_and_reaches_uniform_at_its_fraction_of_t
     assert torch.all(fade_to_uniform(w, fade, 500, 1000) == 1) and torch.all(fade_to_uniform(w, fade, 999, 1000) == 1)
     assert torch.equal(fade_to_uniform(w, RecognitionConfig(), 999, 1000), w)  # None: weighted throughout
     assert torch.equal(fade_to_uniform(w, RecognitionConfig(enabled=False, uniform_by=0.5), 0, 1000), w)
+    for bad in (0.0, 1.5):
+        with pytest.raises(ConfigError, match="uniform_by"):
+            RecognitionConfig(uniform_by=bad)
 
 
 def test_shape_mismatch_is_an_error() -> None:

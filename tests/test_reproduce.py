@@ -235,12 +235,22 @@ def test_the_table_gives_mean_and_spread_over_seeds_and_judges_each_claim_agains
     claims = {c["claim"]: c for c in table["comparisons"]}
     assert claims["synthetic data helps"]["difference"] == 2.0 and claims["synthetic data helps"]["beyond_spread"]
     assert claims["label noise costs"]["beyond_spread"] is False  # 4.5 vs 4.5: no difference
-    assert claims["(c) best-of-2 beats best-of-1"]["beyond_spread"] is False  # +0.45 < 0.71 + 0.64
+    # Paired by seed: +0.5 and +0.4 differ by less than they exceed 0, although the rows' own spreads
+    # (0.71 and 0.64) are larger than the difference: the seed moves both rows alike.
+    assert claims["(c) best-of-2 beats best-of-1"]["per_seed"] == [0.5, pytest.approx(0.4)]
+    assert claims["(c) best-of-2 beats best-of-1"]["beyond_spread"]
     assert abs(claims["(b) best-of-2 beats best-of-1"]["difference"] - 2.05) < 1e-12  # each row on its own
-    assert claims["(b) best-of-2 beats best-of-1"]["beyond_spread"]  # 2.05 > 0.71 + 0.78
+    assert claims["(b) best-of-2 beats best-of-1"]["beyond_spread"]
+    assert claims["label noise costs"]["per_seed"] == [pytest.approx(0.1), pytest.approx(-0.1)]
     assert abs(table["idm_explains"] - 0.95) < 1e-12
     text = markdown(table)
     assert "2.50 ± 0.71" in text and "synthetic data helps" in text and "beyond the spread" in text
+    assert "per seed +2.00 / +2.00" in text
+    # A seed in which a row is missing: the differences pair only the seeds both rows have.
+    per_seed[2] = {"rows": summary({"a": [0.0], "c": [9.0, 9.0]}), "idm_explains": 0.9}
+    claims = {c["claim"]: c for c in build_table(per_seed)["comparisons"]}
+    assert claims["synthetic data helps"]["per_seed"] == [2.0, 2.0]
+    assert claims["synthetic data helps"]["difference"] == 2.0
     one = build_table({0: per_seed[0]})  # one seed: no spread, and no verdict on any difference
     assert all(r["toy_score_spread"] is None for r in one["rows"])
     assert all(c["beyond_spread"] is None for c in one["comparisons"])

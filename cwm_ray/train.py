@@ -451,6 +451,7 @@ def train_func(config: dict[str, Any]) -> None:
 
     # loop
     shard = ray.train.get_dataset_shard("train")
+    recognition = getattr(cfg, "recognition", None)  # world models only
     t_last, samples_since, loss_sum, loss_n = time.perf_counter(), 0, 0.0, 0
     # Where the checkpoint was in its epoch: the resumed run replays that epoch's order (same shuffle seed,
     # `preserve_order` ingest) and skips the batches it had already trained on. Ray Data's iterators keep no
@@ -475,7 +476,6 @@ def train_func(config: dict[str, Any]) -> None:
                 time.sleep(5)
                 os._exit(1)
             collated = model.collate(batch)
-            recognition = getattr(cfg, "recognition", None)  # world models only
             if recognition is not None and collated.get("weights") is not None:
                 collated["weights"] = fade_to_uniform(collated["weights"], recognition, step, cfg.optim.max_steps)
             loss = engine.loss(_to_device(collated, device))

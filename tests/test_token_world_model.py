@@ -393,6 +393,53 @@ def test_deepspeed_two_workers_checkpoint_and_resume(ray_local: None, tiny_dir: 
     assert len(out[0]) == 2 and out[0][0].size == (64, 64)
 
 
+def test_the_training_loop_fades_recognition_weights_to_uniform(ray_local: None, tiny_dir: str, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """`recognition.uniform_by`: the weights the loss sees in training are the recognition maps at step 0 and all
+    ones from uniform_by · max_steps on (the mix is applied in `train_func`, not only defined)."""
+    import json
+
+    import cwm_ray.train
+    from cwm_ray.config import ToyCorpusConfig, TrainWorldModelConfig, load
+    from cwm_ray.toyworld.corpus import make_corpus
+
+    make_corpus(ToyCorpusConfig(output=str(tmp_path / "corpus"), num_videos=0, num_train=48, num_test=4))
+    seen, real = tmp_path / "weights.jsonl", cwm_ray.train.build_model
+
+    def build(cfg: TrainWorldModelConfig) -> TokenWorldModel:
+        """The real model, with a hook that writes down the weights of every training forward."""
+        model = real(cfg)
+        make = model.training_module
+
+        def training_module() -> torch.nn.Module:
+            module = make()
+
+            def hook(mod: torch.nn.Module, _args: tuple, kwargs: dict) -> None:
+                if mod.training:
+                    w = kwargs["weights"].float()
+                    with open(seen, "a") as f:
+                        f.write(json.dumps([w.min().item(), w.max().item(), w.mean().item()]) + "\n")
+
+            module.register_forward_pre_hook(hook, with_kwargs=True)
+            return module
+
+        model.training_module = training_module
+        return model
+
+    monkeypatch.setattr(cwm_ray.train, "build_model", build)
+    cwm_ray.train.train(load(TrainWorldModelConfig, None, [
+        "world_model.backend=token", f"world_model.model={tiny_dir}", "train.name=fade",
+        f"train.storage_path={tmp_path / 'runs'}", f"train.export={tmp_path / 'export'}", "optim.batch_size=4",
+        "optim.max_steps=8", "scaling.num_workers=1", "scaling.cpus_per_worker=1", "scaling.torch_threads=1",
+        "data.val_fraction=0", "recognition.enabled=true", "recognition.uniform_by=0.5",
+        f"data.sources=[{{uri: {tmp_path / 'corpus' / 'gold' / 'train.json'}}}]"]))
+    steps = [json.loads(line) for line in seen.read_text().splitlines()]
+    assert len(steps) == 8
+    assert steps[0][1] > 2.0  # step 0: the recognition maps themselves (the changed cells weigh most)
+    assert all(abs(mean - 1.0) < 1e-4 for _, _, mean in steps)  # the mix keeps each map's mean at 1
+    assert all(lo == hi == 1.0 for lo, hi, _ in steps[4:])  # uniform from 0.5 · 8 steps on
+
+
 def test_the_copy_prior_makes_an_untrained_model_copy_the_source_and_enters_the_loss(tmp_path: Path) -> None:
     """`source_copy_logit` in the Janus config: each target token's own source code gets that logit on top, in
     the loss and in the sampler alike; 0 (the default, and every real checkpoint) leaves both as they were."""

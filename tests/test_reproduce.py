@@ -205,7 +205,7 @@ def test_world_model_config_chooses_the_rows_yaml_and_its_backend_reaches_every_
                                                    "world_model_config=train_token_world_model.yaml"]))
     assert ("annotate", "token") in fake.calls
     assert [r["toy_score"] for r in table["rows"] if r["row"] != "copy the source"] == [0.45] * 4  # token evaluation
-    assert seen == [("token", 1500)] * 4  # the token YAML's own steps
+    assert seen == [("token", 1350)] * 4  # the token YAML's own steps
     with pytest.raises(ConfigError, match="world_model_config"):
         load(ReproduceConfig, None, ["world_model_config=no_such.yaml"])
     with pytest.raises(ConfigError, match="best_of_rows"):

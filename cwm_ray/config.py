@@ -1154,6 +1154,11 @@ class EvaluateIDMConfig:
     outputs lost with the job's temporary working directory, is never what a cluster run means."""
 
 
+REPRODUCE_ROWS = ("a", "b", "b_oracle", "c")
+"""The table's rows, as `best_of_rows` names them (`ROWS` in cwm_ray/evaluate/reproduce.py says what each trains on;
+this module cannot import the evaluate package)."""
+
+
 @dataclass
 class ReproduceConfig:
     """`jobs/reproduce.py`: the paper's ablation table in miniature on the toy world, from nothing.
@@ -1196,9 +1201,10 @@ class ReproduceConfig:
     def __post_init__(self) -> None:
         if self.seeds < 1:
             raise ConfigError(f"bad value for config key 'seeds': {self.seeds}; use 1 or more")
-        unknown = [r for r in self.best_of_rows if r not in ("a", "b", "b_oracle", "c")]
+        unknown = [r for r in self.best_of_rows if r not in REPRODUCE_ROWS]
         if unknown:
-            raise ConfigError(f"bad value for config key 'best_of_rows': {unknown}; rows are a, b, b_oracle, c")
+            raise ConfigError(f"bad value for config key 'best_of_rows': {unknown}; rows are "
+                              f"{', '.join(REPRODUCE_ROWS)}")
         if not (REPO_ROOT / "configs" / self.world_model_config).is_file():
             raise ConfigError(f"bad value for config key 'world_model_config': {self.world_model_config!r}; "
                               f"no such file in {REPO_ROOT / 'configs'}")

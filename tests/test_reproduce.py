@@ -208,8 +208,12 @@ def test_world_model_config_chooses_the_rows_yaml_and_its_backend_reaches_every_
     assert seen == [("token", 1350)] * 4  # the token YAML's own steps
     with pytest.raises(ConfigError, match="world_model_config"):
         load(ReproduceConfig, None, ["world_model_config=no_such.yaml"])
-    with pytest.raises(ConfigError, match="best_of_rows"):
+    with pytest.raises(ConfigError, match="best_of_rows.*rows are a, b, b_oracle, c"):
         load(ReproduceConfig, None, ["best_of_rows=[b,d]"])
+    from cwm_ray.config import REPRODUCE_ROWS
+    from cwm_ray.evaluate.reproduce import ROWS
+
+    assert tuple(ROWS) == REPRODUCE_ROWS  # the config checks the names the job trains
 
 
 def test_the_table_gives_mean_and_spread_over_seeds_and_judges_each_claim_against_it() -> None:

@@ -129,11 +129,21 @@ def test_collate_tokenizes_each_distinct_image_once(tiny_dir: str) -> None:
     handle = fresh.module.vq.encoder.register_forward_hook(lambda _m, args, _out: calls.append(args[0].shape[0]))
     try:
         weighted = fresh.collate(_batch())
+        assert fresh.recognition.enabled and calls == [3, 3]
+        # the maps are kept per (source, target) pair like the codes: a second epoch runs no encoder
+        again = fresh.collate({k: v[::-1] for k, v in _batch().items()})
+        assert calls == [3, 3] and torch.equal(again["weights"], weighted["weights"].flip(0))
+        batch = _batch()
+        swapped = fresh.collate({"source": batch["target"], "target": batch["source"], "action": batch["action"]})
+        assert calls == [3, 3, 3, 3]  # new pairs of the same images: their own maps, so the features again
     finally:
         handle.remove()
-    assert fresh.recognition.enabled and calls == [3, 3]
     assert torch.equal(weighted["source_codes"], first["source_codes"])
     assert torch.equal(weighted["target_codes"], first["target_codes"])
+    assert torch.equal(swapped["source_codes"], first["target_codes"])
+    plain = recognition_weights(fresh.encode_features(list(batch["target"])),
+                                fresh.encode_features(list(batch["source"])), fresh.recognition.floor)
+    torch.testing.assert_close(swapped["weights"], plain)
 
 
 def test_all_ones_weights_are_exactly_the_unweighted_nll(tiny_dir: str) -> None:

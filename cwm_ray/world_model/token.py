@@ -298,6 +298,7 @@ class TokenWorldModel:
         self.resolution = self.module.grid * 2 ** (len(vq.channel_multiplier) - 1)
         """The VQ's native image side: inputs are resized to it and samples come out at it."""
         self._code_cache: OrderedDict[bytes, torch.Tensor] = OrderedDict()
+        self._weight_cache: OrderedDict[bytes, torch.Tensor] = OrderedDict()
 
     @property
     def language_model(self) -> nn.Module:
@@ -380,12 +381,34 @@ class TokenWorldModel:
                     zip(batch["weights"], batch["weights_shape"], strict=True)]
             weights = torch.cat([pool_to_grid(m[None], grid) for m in maps])
         else:
-            source_features, target_features = self.encode_features(sources), self.encode_features(targets)
-            weights = recognition_weights(source_features, target_features, self.recognition.floor).cpu()
+            weights = self._recognition_weights(sources, targets)
+            if weights is None:
+                source_features, target_features = self.encode_features(sources), self.encode_features(targets)
+                weights = recognition_weights(source_features, target_features, self.recognition.floor).cpu()
+                self._recognition_weights(sources, targets, weights)
         input_ids, attention_mask = self._tokenize_text(list(batch["action"]))
         return {"source_codes": self.codes(sources, source_features),
                 "target_codes": self.codes(targets, target_features), "input_ids": input_ids,
                 "attention_mask": attention_mask, "weights": weights}
+
+    def _recognition_weights(self, sources: Sequence[Any], targets: Sequence[Any],
+                             computed: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The batch's recognition maps if every (source, target) pair's is kept, else None; with `computed`, keep
+        those. Like the codes, a map depends only on the frozen VQ and the two images, so a training run pays the
+        encoder for it once per pair instead of once per epoch (without this, the table's row (c) trained in 384 s
+        against about 250 s for the unweighted rows: 1000 steps on 3,300 pairs)."""
+        keys = [hashlib.sha1(s).digest() + hashlib.sha1(t).digest() if isinstance(s, bytes) and isinstance(t, bytes)
+                else None for s, t in zip(sources, targets, strict=True)]
+        if computed is not None:
+            for key, w in zip(keys, computed, strict=True):
+                if key is not None:
+                    self._weight_cache[key] = w
+            while len(self._weight_cache) > _CODE_CACHE_SIZE:
+                self._weight_cache.popitem(last=False)
+            return computed
+        if any(k is None or k not in self._weight_cache for k in keys):
+            return None
+        return torch.stack([self._weight_cache[k] for k in keys])
 
     def training_module(self) -> nn.Module:
         """LoRA parameters only with an adapter; else the LM with the image-token embeddings and head.

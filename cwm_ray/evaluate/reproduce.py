@@ -264,7 +264,7 @@ def compare(x: dict[str, Any], y: dict[str, Any], claim: str, column: str = "toy
     variation twice: on the token toy's three seeds (docs/experiments.md) it called best-of-4 over best-of-2
     within the spread although it was higher in every seed (+0.63 / +0.96 / +0.52).
     """
-    mine, theirs = (dict(zip(r.get("seed_ids", []), r.get(f"{column}_per_seed", []), strict=True)) for r in (x, y))
+    mine, theirs = _by_seed(x, column), _by_seed(y, column)
     seeds = [s for s in mine if s in theirs and mine[s] is not None and theirs[s] is not None]
     diffs = [float(mine[s]) - float(theirs[s]) for s in seeds]
     diff, spread = _mean_spread(diffs)
@@ -272,6 +272,12 @@ def compare(x: dict[str, Any], y: dict[str, Any], claim: str, column: str = "toy
         diff = None if x[column] is None or y[column] is None else x[column] - y[column]
     return {"claim": claim, "rows": [x["row"], y["row"]], "difference": diff, "spread": spread,
             "per_seed": diffs, "beyond_spread": None if spread is None or diff is None else abs(diff) > spread}
+
+
+def _by_seed(row: dict[str, Any], column: str) -> dict[int, float | None]:
+    """{seed: value} of a table row (rows written before `seed_ids` existed count their seeds from 0)."""
+    values = row.get(f"{column}_per_seed", [])
+    return dict(zip(row.get("seed_ids") or range(len(values)), values, strict=True))
 
 
 def _cell(mean: float | None, spread: float | None) -> str:

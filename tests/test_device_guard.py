@@ -222,3 +222,30 @@ def test_metric_embedders_run_on_the_device(device: torch.device, embedders: dic
     on_device = embedder(images)
     np.testing.assert_allclose(on_device, Embedder(embedders[kind], kind, device="cpu")(images), atol=1e-2)  # bf16
     assert np.allclose(cosine_pairs(embedder, images, images), 1.0, atol=1e-2)
+
+
+# -- Serve's replicas: the batched sampling and scoring calls, as a request reaches them ---------------------------
+def test_serve_replicas_sample_and_score_on_the_device(device: torch.device, checkpoints: dict[str, str]) -> None:
+    """The replica classes themselves (no Ray), each given a batch of two requests as `@serve.batch` hands it over
+    (the undecorated method: the batch queue needs a running replica); the model calls run in a worker thread."""
+    import asyncio
+
+    from cwm_ray.config import to_dict
+    from cwm_ray.serve.deployments import SampleRequest, ScoreRequest, VerifierDeployment, WorldModelDeployment
+
+    served = serve_config({"profile": str(PROFILES["diffusion"])})
+    wm_cfg = _world_model_config("instruct_pix2pix", checkpoints, dtype=served.world_model.dtype, device=DEVICE)
+    idm_cfg = IDMConfig(model=checkpoints["qwen2_vl"], dtype=served.idm.dtype, device=DEVICE, image_size=96)
+    world_model = WorldModelDeployment.func_or_class(to_dict(wm_cfg), 4)
+    verifier = VerifierDeployment.func_or_class(to_dict(idm_cfg), 4)
+
+    async def best_of() -> list[list[float]]:
+        requests = [SampleRequest(FRAMES[0], ACTIONS[0], 3, 1), SampleRequest(FRAMES[1], ACTIONS[1], 1, 2)]
+        candidates = await WorldModelDeployment.func_or_class.sample.__wrapped__(world_model, requests)
+        scoring = [ScoreRequest(r.image, c, r.action) for r, c in zip(requests, candidates, strict=True)]
+        return await VerifierDeployment.func_or_class.score.__wrapped__(verifier, scoring)
+
+    scores = asyncio.run(best_of())
+    assert [len(s) for s in scores] == [3, 1] and np.isfinite(np.concatenate(scores)).all()
+    for info in (world_model.info(), verifier.info()):
+        assert info["device"].startswith(DEVICE) and info["dtype"] in ("float16", "bfloat16"), info

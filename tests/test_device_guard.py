@@ -93,6 +93,10 @@ def test_the_device_keeps_its_tensors_apart_and_refuses_a_mix_as_cuda_does(devic
     before = layer.weight.detach().cpu()
     torch.optim.AdamW(layer.parameters(), lr=0.1).step()
     assert not torch.equal(before, layer.weight.detach().cpu())
+    layer.to(torch.bfloat16)  # a module cast (DeepSpeed's bf16), then fp32 master weights by `.data`
+    assert layer(on.bfloat16()).dtype == torch.bfloat16
+    layer.weight.data = layer.weight.data.float()
+    assert (layer.weight * 2).dtype == torch.float32  # the held CPU tensor followed (else the guard asserts)
 
 
 def test_outside_a_guard_the_device_says_it_is_unavailable() -> None:

@@ -59,13 +59,17 @@ def device() -> torch.device:
         yield d
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("guard")
+def tiny_checkpoints(root: Path) -> dict[str, str]:
+    """Every family's tiny checkpoint by family name (also tests/test_gpu.py's); IP2P at 64 px, Janus at 96."""
     paths = {f: build_tiny_idm(f, str(root / f)) for f in IDM_FAMILIES}
     paths["instruct_pix2pix"] = build_tiny_world_model("instruct_pix2pix", str(root / "ip2p"), resolution=64)
     paths["janus"] = build_tiny_world_model("janus", str(root / "janus"))
     return paths
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    return tiny_checkpoints(tmp_path_factory.mktemp("guard"))
 
 
 # -- the device itself ---------------------------------------------------------------------------------------------
@@ -198,24 +202,9 @@ def test_world_model_samples_best_of_n_and_trains_on_the_device(device: torch.de
 @pytest.fixture(scope="module")
 def embedders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """Tiny CLIP vision and DINOv2 checkpoints saved in bf16 (a hub checkpoint may be stored in half precision)."""
-    from transformers import (
-        BitImageProcessor,
-        CLIPImageProcessor,
-        CLIPVisionConfig,
-        CLIPVisionModelWithProjection,
-        Dinov2Config,
-        Dinov2Model,
-    )
+    from test_evaluate import tiny_embedders
 
-    root = tmp_path_factory.mktemp("embedders")
-    small = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
-             "image_size": 32, "patch_size": 8}
-    CLIPVisionModelWithProjection(CLIPVisionConfig(**small, projection_dim=16)).to(torch.bfloat16).save_pretrained(
-        root / "clip")
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(root / "clip")
-    Dinov2Model(Dinov2Config(**small)).to(torch.bfloat16).save_pretrained(root / "dino")
-    BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(root / "dino")
-    return {"clip": str(root / "clip"), "dino": str(root / "dino")}
+    return tiny_embedders(tmp_path_factory.mktemp("embedders"), torch.bfloat16)
 
 
 @pytest.mark.parametrize("kind", ["clip", "dino"])

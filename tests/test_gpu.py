@@ -43,8 +43,7 @@ from cwm_ray.config import (
 )
 from cwm_ray.idm import InverseDynamicsModel
 from cwm_ray.serve.app import serve_config
-from cwm_ray.tiny.idm import IDM_FAMILIES, build_tiny_idm
-from cwm_ray.tiny.world_model import build_tiny_world_model
+from cwm_ray.tiny.idm import IDM_FAMILIES
 from cwm_ray.verify import best_of_n
 from cwm_ray.world_model import load_world_model
 
@@ -79,11 +78,9 @@ def _batch() -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("gpu")
-    paths = {f: build_tiny_idm(f, str(root / f)) for f in IDM_FAMILIES}
-    paths["instruct_pix2pix"] = build_tiny_world_model("instruct_pix2pix", str(root / "ip2p"), resolution=64)
-    paths["janus"] = build_tiny_world_model("janus", str(root / "janus"))
-    return paths
+    from test_device_guard import tiny_checkpoints
+
+    return tiny_checkpoints(tmp_path_factory.mktemp("gpu"))
 
 
 def _three_lora_steps(module: torch.nn.Module, batch: dict[str, torch.Tensor]) -> list[float]:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -98,9 +99,8 @@ def test_l1_identical_is_best_unrelated_is_worse() -> None:
     assert l1(ia.resize((32, 32)), ia) < l1(ib, ia)  # compared at the reference's size
 
 
-@pytest.fixture(scope="module")
-def embedders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """Tiny random CLIP vision and DINOv2 checkpoints with their image processors, saved and loaded by path."""
+def tiny_embedders(root: Path, dtype: torch.dtype = torch.float32) -> dict[str, str]:
+    """Tiny random CLIP vision and DINOv2 checkpoints with their image processors, saved in `dtype` under `root`."""
     from transformers import (
         BitImageProcessor,
         CLIPImageProcessor,
@@ -110,17 +110,22 @@ def embedders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         Dinov2Model,
     )
 
-    root = tmp_path_factory.mktemp("embedders")
     clip = CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                                           num_attention_heads=4, image_size=32, patch_size=8,
                                                           projection_dim=16))
-    clip.save_pretrained(root / "clip")
+    clip.to(dtype).save_pretrained(root / "clip")
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(root / "clip")
     dino = Dinov2Model(Dinov2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                                     image_size=32, patch_size=8))
-    dino.save_pretrained(root / "dino")
+    dino.to(dtype).save_pretrained(root / "dino")
     BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(root / "dino")
     return {"clip": str(root / "clip"), "dino": str(root / "dino")}
+
+
+@pytest.fixture(scope="module")
+def embedders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Tiny random CLIP vision and DINOv2 checkpoints with their image processors, saved and loaded by path."""
+    return tiny_embedders(tmp_path_factory.mktemp("embedders"))
 
 
 @pytest.mark.parametrize("kind", ["clip", "dino"])

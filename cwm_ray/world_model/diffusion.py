@@ -313,9 +313,9 @@ class DiffusionWorldModel:
             return []
         m, cfg, was_training = self.module, self.cfg, self.module.training
         m.eval()
-        repeats = torch.tensor(counts)
+        repeats = torch.tensor(counts, device=self.device)  # an index on the latents' device, as CUDA requires
         image_latents = self.encode_features(self._pixels(sources)).to(self.dtype).repeat_interleave(repeats, 0)
-        prompt_embeds = m.encode_prompt(self._tokenize(actions)).repeat_interleave(repeats.to(self.device), 0)
+        prompt_embeds = m.encode_prompt(self._tokenize(actions)).repeat_interleave(repeats, 0)
         total = image_latents.shape[0]
 
         scheduler = DDIMScheduler.from_config(self.noise_scheduler.config)

@@ -43,7 +43,9 @@ it; `WorldModelConfig.resolution` only sizes a fresh toy.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import math
 import tempfile
 from collections import OrderedDict
@@ -232,9 +234,13 @@ class JanusWorldModule(nn.Module):
         return torch.where(is_image[..., None], image.to(text.dtype), text)
 
     def run(self, embeds: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor,
-            cache: Any = None) -> Any:
-        return self.model.model.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
-                                               cache=cache, use_cache=cache is not None or not self.training)
+            cache: Any = None) -> tuple[torch.Tensor, Any]:
+        """(last hidden states, the KV cache) of the language model over `embeds`, extending `cache`."""
+        language_model = self.model.model.language_model
+        name = cache_keyword(type(language_model))
+        out = language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
+                             use_cache=cache is not None or not self.training, **{name: cache})
+        return out.last_hidden_state, getattr(out, name)
 
     def image_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.model.generation_head(hidden)
@@ -255,6 +261,18 @@ class JanusWorldModule(nn.Module):
         hidden = self.model.model.language_model(inputs_embeds=embeds, attention_mask=mask,
                                                  position_ids=positions, use_cache=False).last_hidden_state
         return self.copy_prior(self.image_logits(hidden[:, -n:]), source_codes)
+
+
+@functools.cache
+def cache_keyword(model_class: type) -> str:
+    """The name a transformers decoder's `forward` takes the KV cache by, which is also its output's field.
+
+    transformers renamed `past_key_values` to `cache` inside the range this project admits (5.17, the GPU
+    image's, has the old name; 5.25 the new one, the old still accepted with a deprecation warning), so it is
+    read once per class from the signature rather than guessed per call.
+    """
+    parameters = inspect.signature(model_class.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
 
 
 def _digest(image: bytes) -> bytes:
@@ -307,7 +325,8 @@ class TokenWorldModel:
                "pad": pad}
         if any(v is None or v == tok.unk_token_id for v in ids.values()):
             raise ValueError(f"{cfg.model}: the tokenizer lacks one of bos, pad, {BOI}, {EOI}: {ids}")
-        self.module = JanusWorldModule(self.model, ids, cfg.conditioning_dropout).to(self.device)
+        # `dtype` holds for given components too (the toy), as the diffusion backend casts its module
+        self.module = JanusWorldModule(self.model, ids, cfg.conditioning_dropout).to(self.device, self.dtype)
         self.module.eval()
         vq = self.model.config.vq_config
         self.resolution = self.module.grid * 2 ** (len(vq.channel_multiplier) - 1)
@@ -468,11 +487,10 @@ class TokenWorldModel:
         from transformers import DynamicCache
 
         embeds = m.fuse(m.embed(ids, is_image), source[:, :1])  # the final <boi> predicts cell 0
-        out = m.run(embeds, mask, positions, cache=DynamicCache(config=self.model.config.text_config))
+        hidden, cache = m.run(embeds, mask, positions, cache=DynamicCache(config=self.model.config.text_config))
         rows = rows.to(self.device)
-        cache = out.cache
         cache.batch_select_indices(rows)  # branch: every candidate continues from its own copy of the prompt
-        hidden, mask, positions = out.last_hidden_state[rows, -1], mask[rows], positions[rows]
+        hidden, mask, positions = hidden[rows, -1], mask[rows], positions[rows]
         codes = []
         aligned = source[rows].cpu()  # each candidate row's source codes, for the copy prior and fusion
         cells = m.grid**2
@@ -490,8 +508,8 @@ class TokenWorldModel:
             positions = positions[:, -1:] + 1
             embeds = m.fuse(self.model.prepare_embeddings_for_image_generation(step[:, None].to(self.device)),
                             aligned[:, p + 1:p + 2])
-            out = m.run(embeds, mask, positions, cache=cache)
-            hidden = out.last_hidden_state[:, -1]
+            hidden, cache = m.run(embeds, mask, positions, cache=cache)
+            hidden = hidden[:, -1]
         pixels = m.decode(torch.stack(codes, 1).to(self.device))
         arrays = ((pixels.permute(0, 2, 3, 1).cpu().numpy() + 1.0) * 127.5).round().clip(0, 255).astype(np.uint8)
         images = [Image.fromarray(a) for a in arrays]

@@ -1,4 +1,4 @@
-"""The IDM on real model families (LLaVA-1.5, Qwen2-VL, Qwen2.5-VL, SmolVLM/Idefics3), not only the toy.
+"""The IDM on real model families (LLaVA-1.5, Qwen2-VL, Qwen2.5-VL, SmolVLM/Idefics3, Janus), not only the toy.
 
 Each family is a tiny random checkpoint of its real classes, processor, special tokens and chat template
 (`cwm_ray.tiny.idm`), saved and loaded by path through the production code. Checked per family:
@@ -42,6 +42,7 @@ MARKERS = {
     "qwen2_vl": ["<|im_start|>user", "<|vision_start|><|image_pad|><|vision_end|>" * 2, "<|im_start|>assistant"],
     "qwen2_5_vl": ["<|im_start|>user", "<|vision_start|><|image_pad|><|vision_end|>" * 2, "<|im_start|>assistant"],
     "idefics3": ["User:", "<image><image>", "Assistant:"],
+    "janus": ["<|User|>: <image_placeholder>", "<image_placeholder>\n", "<|Assistant|>:"],
 }
 ACTIONS = ["move the red circle left", "remove the blue square"]
 

@@ -6,10 +6,12 @@ Each family is a tiny random checkpoint of its real classes, processor, special 
 - training labels the answer only (the prompt is masked), and LoRA adapts only the language model;
 - after a short fit, `label` returns the trained action and its log-likelihood is exactly what `score`
   gives the same action (the filter and the verifier read one likelihood);
+- a LoRA adapter exported alone (`idm.lora_export: adapter`) reloads over the base with the trained scores;
 - a row scores the same alone or batched beside frames of another size (Qwen2-VL's dynamic resolution gives
   them other lengths, hence left padding);
 - and through the jobs' CLIs with a real model profile (configs/real/): LoRA training, evaluation, and
-  annotation of real H.264 video at 224 px, whose stored frames keep their 224 px.
+  annotation of real H.264 video at 224 px, whose stored frames keep their 224 px (Janus: through the jobs of
+  its single-model profile, tests/test_single_model.py).
 """
 
 from __future__ import annotations
@@ -120,9 +122,32 @@ def test_a_row_scores_the_same_alone_or_beside_frames_of_another_size(family: tu
     np.testing.assert_allclose(batched, alone, rtol=1e-4, atol=1e-4)
 
 
+def test_a_lora_adapter_export_reloads_over_the_base_with_the_same_scores(family: tuple[str, str],
+                                                                          tmp_path: Path) -> None:
+    """`idm.lora_export: adapter` writes peft's adapter alone (no copy of the base), and base + adapter scores as the
+    trained model did: the single-model setting's IDM export (configs/real/janus_pro_7b_self.yaml)."""
+    _, path = family
+    idm = InverseDynamicsModel.load(IDMConfig(model=path, lora_export="adapter"))
+    sources, targets = _frames(8, (224, 224)), _frames(9, (224, 224))
+    before = idm.score_batch(sources, targets, ACTIONS)
+    idm.training_module(LoRAConfig(enabled=True, r=4, alpha=8))
+    with torch.no_grad():  # a trained adapter, without the cost of training one
+        for name, param in idm.model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(len(name)))
+    trained = idm.score_batch(sources, targets, ACTIONS)
+    idm.save(str(tmp_path / "adapter"))
+    assert {p.name for p in (tmp_path / "adapter").iterdir()} == {"adapter_config.json", "adapter_model.safetensors",
+                                                                  "README.md"}
+    reloaded = InverseDynamicsModel.load(IDMConfig(model=path, adapter=str(tmp_path / "adapter")))
+    np.testing.assert_allclose(reloaded.score_batch(sources, targets, ACTIONS), trained, rtol=1e-5, atol=1e-5)
+    assert np.abs(trained - before).max() > 0.1  # the adapter is not a no-op
+
+
 # -- through the jobs' CLIs, with a real model profile ---------------------------------------------------------
 
 CLI_FAMILIES = ("llava", "qwen2_vl", "idefics3")
+"""Janus runs through the same jobs in tests/test_single_model.py, with its own profile (IDM adapter export)."""
 
 
 @pytest.fixture(scope="module")

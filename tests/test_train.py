@@ -115,6 +115,25 @@ def test_bad_training_config_is_rejected_before_ray_starts(tmp_path: Path) -> No
             train(load(TrainIDMConfig, None, [bad]))
 
 
+def test_a_resume_under_the_other_recognition_setting_is_refused(tmp_path: Path) -> None:
+    """The ablation's rows (b) and (c) are one flag apart: (c) run under (b)'s train.name would resume (b)'s
+    checkpoint and be neither, so the driver refuses, naming the way out."""
+    import json
+
+    from cwm_ray.train import STATE_FILE, check_run_kind, model_info, recipe
+
+    args = [f"train.storage_path={tmp_path}", "train.name=wm"]
+    unweighted = load(TrainWorldModelConfig, None, [*args, "recognition.enabled=false"])
+    weighted = load(TrainWorldModelConfig, None, [*args, "recognition.enabled=true"])
+    checkpoint = tmp_path / "wm" / "checkpoint_000000"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / STATE_FILE).write_text(json.dumps({"step": 4, "model": model_info(unweighted),
+                                                     "recipe": recipe(unweighted)}))
+    check_run_kind(unweighted, model_info(unweighted))  # the same recipe resumes
+    with pytest.raises(ValueError, match=r"trained with .*'enabled': False.*train\.name=<name> and train\.export"):
+        check_run_kind(weighted, model_info(weighted))
+
+
 def test_adamw_takes_the_configured_betas() -> None:
     import torch
 

@@ -1133,6 +1133,11 @@ class JudgeConfig:
     """Answers cached by a hash of (model, prompt, images): re-running an evaluation costs nothing."""
 
 
+AURORA_JUDGED_TASKS = ("magicbrush", "ag", "something", "whatsup", "kubric")
+"""AURORA-Bench's `task` names of the paper's five judged subsets (MagicBrush, Action-Genome, Something-Something,
+WhatsUp, Kubric): the ones with a reference frame. Its other three (clevr, emu, epic) have none."""
+
+
 @dataclass
 class EvaluateConfig:
     """`jobs/evaluate.py`: AURORA-format benchmark → predictions (best-of-N) → metrics, judge, report."""
@@ -1141,6 +1146,10 @@ class EvaluateConfig:
     """AURORA-format JSON (local or s3://): a list of {input, output?, prompt | instruction, task, ...}."""
     tasks: list[str] = field(default_factory=list)
     """Only these tasks (empty = all)."""
+    headline_tasks: list[str] = field(default_factory=lambda: list(AURORA_JUDGED_TASKS))
+    """The headline score is the primary metric (the LLM judge's min(edit success, minimal edit)) averaged over
+    these tasks, each task's mean weighing alike, as the paper reports AURORA-Bench: its five judged subsets.
+    Empty = every task in the bench (the toy configs). The mean over all items stays in the report as "all tasks"."""
     max_items: int | None = None
     world_model: WorldModelConfig = field(default_factory=WorldModelConfig)
     idm: IDMConfig = field(default_factory=IDMConfig)
@@ -1187,6 +1196,19 @@ class EvaluateIDMConfig:
     """Pairs per `label` call."""
     toy_judge: bool = True
     """Also score `explains` with the toy world's exact parser (turn off for real benchmarks)."""
+    text_metrics: bool = True
+    """Score each action against its reference text as the paper scores its IDM: corpus BLEU (sacrebleu's
+    defaults, on a 0–1 scale), ROUGE-1 and ROUGE-L F1 (rouge-score, Porter stemming) and, with `bertscore_model`,
+    BERTScore F1 (bert-score), beside `exact`. Bench only: annotation's triplets have no reference."""
+    bertscore_model: str | None = None
+    """BERTScore's encoder by Hugging Face id or local / s3:// path (bert-score's English default is
+    `roberta-large`, as the real profiles set); None = no BERTScore."""
+    bertscore_layers: int | None = None
+    """The encoder layer whose features are matched; None = bert-score's tuned layer for a model it knows (17 for
+    roberta-large), else the model's last layer."""
+    bertscore_rescale: bool = False
+    """Rescale with bert-score's English baseline for `bertscore_model` (shipped for its known models), which spreads
+    the raw scores (0.8–1 for most English pairs) over about 0–1; the real profiles set it."""
     toy: ToyWorldConfig = field(default_factory=ToyWorldConfig)
     output: str = f"{DEFAULT_OUTPUT_ROOT}/eval_idm"
     """Local directory or s3:// prefix: results.json (rates overall and per task) and rows.jsonl."""

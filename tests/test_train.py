@@ -264,15 +264,17 @@ def test_ddp_accumulation_gives_the_gradient_and_step_of_one_larger_batch() -> N
     for accumulation, parts in ((1, [slice(0, 8)]), (2, [slice(0, 4), slice(4, 8)])):
         torch.manual_seed(0)
         module = Mean()
-        opt = torch.optim.AdamW(module.parameters(), lr=0.1)
+        # SGD, whose update scales with the gradient (Adam's would hide a gradient twice too large)
+        opt = torch.optim.SGD(module.parameters(), lr=0.1)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (1 + step))
-        engine = _Engine(module, opt, sched, deepspeed=False, clip=1.0, accumulation=accumulation)
+        engine = _Engine(module, opt, sched, deepspeed=False, clip=0.0, accumulation=accumulation)
         stepped = [engine.step(engine.loss({"x": x[s], "y": y[s]})) for s in parts * 2]  # two optimizer steps
         assert stepped == [True, True] if accumulation == 1 else [False, True, False, True]
-        results.append(([p.detach().clone() for p in module.parameters()], sched.last_epoch))
-    (one, steps_one), (two, steps_two) = results
+        results.append(([p.detach().clone() for p in module.parameters()], [p.grad.clone() for p in
+                                                                            module.parameters()], sched.last_epoch))
+    (one, grad_one, steps_one), (two, grad_two, steps_two) = results
     assert steps_one == steps_two == 2  # the LR schedule steps per optimizer step, not per micro-batch
-    for a, b in zip(one, two, strict=True):
+    for a, b in zip(one + grad_one, two + grad_two, strict=True):
         torch.testing.assert_close(a, b)
 
 

@@ -152,7 +152,7 @@ def test_three_corpora_get_three_budgets_and_train_once_each(ray_local: None, tm
     (tmp_path / "ann" / "staging").mkdir(parents=True)
     pq.write_table(pa.Table.from_pylist(rows, schema=STAGING_SCHEMA), tmp_path / "ann" / "staging" / "r.parquet")
     budget = 20
-    cfg = AnnotateConfig(output=str(tmp_path / "ann"), filter=FilterConfig(budget=budget))
+    cfg = AnnotateConfig(output=str(tmp_path / "ann"), filter=FilterConfig(budget=budget), export_aurora=False)
     summary = finalize(cfg, *read_staging(cfg, INDEX_COLUMNS))
     pairs = {name: sum(r["dataset"] == name for r in rows) for name in corpora}
     assert pairs["moments"] > budget and pairs["ucf101"] > budget and pairs["kinetics700"] < budget
@@ -166,8 +166,9 @@ def test_three_corpora_get_three_budgets_and_train_once_each(ray_local: None, tm
                                                   "instruction": f"act {k}", "id": f"g{k}"} for k in range(3)]))
     sets = training_sets(DataSection(sources=[DataSource(uri=str(gold / "train.json")),
                                               DataSource(uri=str(tmp_path / "ann" / "triplets"))], val_fraction=0))
-    ids = [r["id"] for r in sets.train.take_all()]
+    train = sets.train.take_all()
+    ids = [r["id"] for r in train]
     kept = pq.read_table(tmp_path / "ann" / "triplets").column("id").to_pylist()
     assert len(ids) == len(set(ids)) == sets.train_rows == 3 + len(kept) == 3 + summary["triplets"]
-    with_map = {r["id"] for r in sets.train.take_all() if r["weights"] is not None}
+    with_map = {r["id"] for r in train if r["weights"] is not None}
     assert with_map == set(kept)  # the synthetic rows keep annotation's maps through the mix

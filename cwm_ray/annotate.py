@@ -678,8 +678,9 @@ def annotate(cfg: AnnotateConfig) -> dict[str, Any]:
             ds = full_batches(ds, cfg.idm_stage.batch_size, cfg.decode.num_cpus)
         ds = ds.map_batches(IDMLabeler, fn_constructor_args=(cfg, clock),
                             **_actor_kwargs(cfg.idm_stage))
-        ds = ds.map_batches(RecognitionStage, fn_constructor_args=(cfg, cfg.recognition_stage, clock),
-                            **_actor_kwargs(cfg.recognition_stage))
+        if cfg.recognition.enabled:  # off: no map is stored, and a weighted training run computes its own
+            ds = ds.map_batches(RecognitionStage, fn_constructor_args=(cfg, cfg.recognition_stage, clock),
+                                **_actor_kwargs(cfg.recognition_stage))
         fs, path = storage.filesystem(_staging(cfg), cfg.storage)
         # File names carry the run id, so a resumed run never overwrites an earlier run's files.
         names = FilenameProvider(dataset_uuid=run_id, file_format="parquet")

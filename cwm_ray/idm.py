@@ -181,6 +181,12 @@ class InverseDynamicsModel:
         if len(sources) != len(targets):
             raise ValueError(f"{len(sources)} sources but {len(targets)} targets")
         src, tgt = self._frames(sources), self._frames(targets)
+        # A pair the IDM trains on shares one size (two frames of a clip, an AURORA pair), but the verifier gets a
+        # world model's candidate at the model's own square (InstructPix2Pix's 256 px, Janus's 384) beside a
+        # native-aspect source; with a dynamic-resolution processor (Qwen2-VL) the two would even become different
+        # token grids. So a target is brought to its source's size, and verification sees what training saw.
+        tgt = [t if t.size == s.size else t.resize(s.size, Image.Resampling.BICUBIC) for s, t in zip(src, tgt,
+                                                                                                   strict=True)]
         images = [[s] for s in src] if self.tubelet else [[s, t] for s, t in zip(src, tgt, strict=True)]
         enc = self.processor(
             text=[self.prompt] * len(images), images=images, return_tensors="pt", padding=True, padding_side="left"

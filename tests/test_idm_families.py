@@ -119,6 +119,24 @@ def test_a_row_scores_the_same_alone_or_beside_frames_of_another_size(family: tu
     np.testing.assert_allclose(batched, alone, rtol=1e-4, atol=1e-4)
 
 
+def test_the_verifier_sees_a_candidate_at_its_sources_size_as_training_saw_pairs(family: tuple[str, str]) -> None:
+    """A world model's candidate is its own square (256 px for InstructPix2Pix); the source keeps its aspect, and
+    every pair the IDM trained on shared one size. The candidate is scored as if brought to the source's size, the
+    geometry of training, not as a square beside a 16:9 frame (two token grids for Qwen2-VL)."""
+    from PIL import Image
+
+    name, path = family
+    idm = InverseDynamicsModel.load(IDMConfig(model=path))
+    source = _frames(8, (320, 180), 1)[0]
+    square = Image.open(io.BytesIO(_frames(9, (320, 180), 1)[0])).resize((96, 96), Image.Resampling.BICUBIC)
+    as_trained = square.resize((320, 180), Image.Resampling.BICUBIC)
+    np.testing.assert_allclose(idm.score_batch([source], [encode_image(square)], ACTIONS[:1]),
+                               idm.score_batch([source], [encode_image(as_trained)], ACTIONS[:1]), rtol=1e-5)
+    inputs = idm._prompt_inputs([source], [encode_image(square)])
+    if "image_grid_thw" in inputs:  # Qwen2-VL / 2.5-VL: the two frames are one token grid, as in training
+        assert inputs["image_grid_thw"][0].tolist() == inputs["image_grid_thw"][1].tolist()
+
+
 # -- through the jobs' CLIs, with a real model profile ---------------------------------------------------------
 
 CLI_FAMILIES = ("llava", "qwen2_vl", "idefics3")

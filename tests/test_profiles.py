@@ -109,3 +109,67 @@ def test_a_profile_without_the_jobs_section_is_a_clear_error(tmp_path: Path) -> 
     path.write_text("train_idm: {}\ntrian_world_model: {}\n")
     with pytest.raises(ConfigError, match="unknown profile section.*trian_world_model"):
         load(TrainIDMConfig, path)
+
+
+PAPER_RECIPE = {  # arXiv 2506.06006: (epochs, global batch, lr, warm-up steps)
+    TrainIDMConfig: (10, 64, 2e-4, 500),
+    TrainWorldModelConfig: (40, 96, 5e-4, 400),
+}
+
+
+@pytest.mark.parametrize("wiring", [None, *sorted((ROOT / "configs" / "cluster").glob("[at]*.yaml"))],
+                         ids=lambda p: "alone" if p is None else p.stem)
+@pytest.mark.parametrize("profile", REAL, ids=lambda p: p.stem)
+def test_every_profile_and_wiring_trains_the_papers_recipe(profile: Path, wiring: Path | None) -> None:
+    """Epochs and the global batch are the profile's (the paper's), whatever cluster wiring is layered on: the
+    wiring sets workers and the micro-batch, and gradient accumulation makes up the rest."""
+    from cwm_ray.config import accumulation_steps
+
+    files = [profile] if wiring is None else [profile, wiring]
+    for cls, (epochs, batch, lr, warmup) in PAPER_RECIPE.items():
+        if wiring is not None and not wiring.name.startswith(PROFILE_SECTIONS[cls.__name__] + "_"):
+            continue
+        cfg = load(cls, files)
+        o, s = cfg.optim, cfg.scaling
+        assert (o.epochs, o.global_batch_size, o.max_steps) == (epochs, batch, None), f"{profile.name} {wiring}"
+        assert s.num_workers * o.batch_size * accumulation_steps(o, s) == batch
+        assert (o.lr, o.warmup_steps, o.schedule) == (pytest.approx(lr), warmup, "cosine")
+        assert cfg.deepspeed.bf16
+        lora = cfg.idm.lora if cls is TrainIDMConfig else cfg.world_model.lora
+        assert (lora.r, lora.alpha, lora.dropout) == (16, 32, 0.05)
+    if wiring is None or wiring.name.startswith("annotate_"):  # the data mix: three corpora, a budget each
+        annotate = load(AnnotateConfig, files)
+        assert [c.name for c in annotate.inputs] == ["moments_in_time", "ucf101", "kinetics700"]
+        assert annotate.filter.budget == 7000
+
+
+@pytest.mark.parametrize("profile", REAL, ids=lambda p: p.stem)
+def test_the_world_model_trains_each_synthetic_triplet_once_with_its_stored_map(profile: Path) -> None:
+    annotate, wm = load(AnnotateConfig, profile), load(TrainWorldModelConfig, profile)
+    sources = wm.data.sources
+    assert [s.weight for s in sources] == [1.0, 1.0]  # not 3.0: three budgets give 3 x 7K, each trained once
+    assert sources[1].uri.rstrip("/") == f"{annotate.output}/triplets"  # Parquet: the stored maps come along
+
+
+@pytest.mark.parametrize("profile", REAL, ids=lambda p: p.stem)
+def test_recognition_weighting_is_pinned_off_with_its_twin_one_flag_away(profile: Path) -> None:
+    import yaml
+
+    raw = yaml.safe_load(profile.read_text())
+    for section in ("annotate", "train_world_model"):
+        assert set(raw[section]["recognition"]) >= {"enabled", "floor", "uniform_by"}, section  # set, not defaulted
+    unweighted = load(TrainWorldModelConfig, profile)
+    weighted = load(TrainWorldModelConfig, profile, ["recognition.enabled=true"])
+    assert not unweighted.recognition.enabled and weighted.recognition.enabled
+    assert dataclasses.replace(weighted, recognition=unweighted.recognition) == unweighted  # the only difference
+    annotate = load(AnnotateConfig, profile)
+    assert annotate.recognition.enabled and annotate.recognition.floor == weighted.recognition.floor  # maps stored
+
+
+def test_a_schedule_is_epochs_or_steps_and_the_global_batch_must_divide() -> None:
+    with pytest.raises(ConfigError, match="exactly one of optim.epochs and optim.max_steps"):
+        load(TrainIDMConfig, None, ["optim.epochs=2"])
+    with pytest.raises(ConfigError, match=r"global_batch_size=96 .*num_workers=16 x optim.batch_size=12 = 192: "
+                                          r"use optim\.batch_size=6"):
+        load(TrainWorldModelConfig, [REAL[0], ROOT / "configs/cluster/train_world_model_p4d.yaml"],
+             ["scaling.num_workers=16"])

@@ -29,7 +29,7 @@ import os
 import tarfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import numpy as np
@@ -47,12 +47,12 @@ from cwm_ray.config import AnnotateConfig, StageResources
 from cwm_ray.data import actor_stage
 from cwm_ray.filtering import action_class, stratified_top_k_mask
 from cwm_ray.schema import ERROR_SCHEMA, LABEL_FIELDS, PAIR_FIELDS, WEIGHT_FIELDS, encode_image, pair_id
-from cwm_ray.video import VideoError, choose_pairs, iter_frames
+from cwm_ray.video import Frame, VideoError, choose_pairs, iter_frames
 
 STAGING_SCHEMA = pa.schema(
     PAIR_FIELDS
     + [pa.field("video_pairs", pa.int64()), pa.field("error_type", pa.string()), pa.field("message", pa.string()),
-       pa.field("stage", pa.string()), pa.field("transient", pa.bool_())]
+       pa.field("stage", pa.string()), pa.field("transient", pa.bool_()), pa.field("video_cuts", pa.int64())]
     + LABEL_FIELDS + WEIGHT_FIELDS
 )
 OUTPUT_COLUMNS = [f.name for f in PAIR_FIELDS + LABEL_FIELDS + WEIGHT_FIELDS]
@@ -182,15 +182,18 @@ def extract_pairs(batch: pa.Table, cfg: AnnotateConfig) -> pa.Table:
     rows: list[dict[str, Any]] = []  # columns a row leaves out (labels, weights, ...) are null
     for video_uri, dataset in zip(batch.column("video_uri").to_pylist(), batch.column("dataset").to_pylist(),
                                   strict=True):
+        frames = None
         try:
             data = with_retries(lambda uri=video_uri: read_video_bytes(uri, cfg), f"reading {video_uri}", cfg)
-            pairs, _ = choose_pairs(iter_frames(data, cfg.frames), cfg.frames)
+            frames = _CountingCuts(iter_frames(data, cfg.frames))
+            pairs, _ = choose_pairs(iter(frames), cfg.frames)
             if not pairs:
                 raise VideoError("NoMotion", "no frame pair has enough motion (frames.min_motion)")
         except (VideoError, OSError, ValueError, tarfile.TarError) as exc:
             rows.append({"id": hashlib.sha1(f"{video_uri}#error".encode()).hexdigest()[:20], "dataset": dataset,
                          "video_uri": video_uri, "video_pairs": 0, "stage": "decode", "transient": is_transient(exc),
-                         "error_type": getattr(exc, "kind", type(exc).__name__), "message": str(exc)[:2000]})
+                         "error_type": getattr(exc, "kind", type(exc).__name__), "message": str(exc)[:2000],
+                         "video_cuts": None if frames is None else frames.cuts})
             continue
         fmt = cfg.frames.image_format
         for p in pairs:
@@ -200,9 +203,23 @@ def extract_pairs(batch: pa.Table, cfg: AnnotateConfig) -> pa.Table:
                 "video_uri": video_uri, "src_index": p.source.index, "tgt_index": p.target.index,
                 "src_time": p.source.time, "tgt_time": p.target.time, "motion": p.motion,
                 "source": encode_image(p.source.rgb, fmt), "target": encode_image(p.target.rgb, fmt),
-                "width": w, "height": h, "video_pairs": len(pairs),
+                "width": w, "height": h, "video_pairs": len(pairs), "video_cuts": frames.cuts,
             })
     return pa.Table.from_pylist(rows, schema=STAGING_SCHEMA)
+
+
+class _CountingCuts:
+    """A video's frames passed through, counting its shot cuts (`frames.shot_cuts`): each is a motion peak that
+    frame choice dropped, reported as summary.json's `shot_cuts`."""
+
+    def __init__(self, frames: Iterator[Frame]) -> None:
+        self.frames = frames
+        self.cuts = 0
+
+    def __iter__(self) -> Iterator[Frame]:
+        for frame in self.frames:
+            self.cuts += frame.cut
+            yield frame
 
 
 def _replace_columns(batch: pa.Table, columns: dict[str, list[Any]]) -> pa.Table:
@@ -421,7 +438,7 @@ def finished_videos(index: pa.Table) -> set[str]:
 # ---------------------------------------------------------------------------------------------- finalize
 
 INDEX_COLUMNS = ["id", "video_uri", "dataset", "video_pairs", "error_type", "stage", "message", "transient",
-                 "action", "action_class", "logprob", "num_tokens"]
+                 "action", "action_class", "logprob", "num_tokens", "video_cuts"]
 
 
 def _write_table(table: pa.Table, uri: str, cfg: AnnotateConfig) -> None:
@@ -587,7 +604,9 @@ def finalize(cfg: AnnotateConfig, index: pa.Table, files: list[str]) -> dict[str
                           if has_triplets else None, cfg)
     storage.delete(selection, cfg.storage)
 
+    cuts = unique.group_by("video_uri", use_threads=False).aggregate([("video_cuts", "max")])
     return {"videos_done": videos_done, "pairs": pairs_idx.num_rows, "triplets": pc.sum(kept).as_py() or 0,
+            "shot_cuts": pc.sum(cuts.column("video_cuts_max")).as_py() or 0,
             "errors": errors.num_rows, "error_types": _counts(errors.column("error_type")),
             "transient_errors": retry.num_rows, "transient_error_types": _counts(retry.column("error_type")),
             "corpora": _corpora(pairs_idx, kept)}
@@ -733,7 +752,8 @@ def _stage_summary(stats: dict[str, dict[str, float]], wall_start: float, second
 def print_summary(summary: dict[str, Any]) -> None:
     print(f"\n[annotate] {summary['videos']} videos ({summary['videos_skipped']} skipped as done), "
           f"{summary['pairs']} pairs, {summary['triplets']} triplets kept, {summary['errors']} errors "
-          f"{summary['error_types'] or ''}; {summary['pairs_per_s']} pairs/s")
+          f"{summary['error_types'] or ''}; {summary['shot_cuts']} shot cuts (never a pair); "
+          f"{summary['pairs_per_s']} pairs/s")
     if summary["transient_errors"]:
         print(f"[annotate] {summary['transient_errors']} videos failed transiently {summary['transient_error_types']}"
               " and are not finished: re-run into the same output to retry them (errors/errors.parquet, transient)")

@@ -840,9 +840,11 @@ class TrainWorldModelConfig:
 class FramesConfig:
     """Decoding and frame choice (the paper: top K_f = 6 frames by optical flow, at least I_f = 20 apart)."""
 
-    motion_size: int = 128
-    """Motion is measured on frames downscaled so their longer side is this many pixels (optical flow at full
-    resolution costs far more and finds the same peaks)."""
+    motion_size: int = 64
+    """Motion is measured on frames downscaled so their longer side is this many pixels. Farneback flow is most of
+    the CPU a pair costs and grows with the pixels: on 224-px H.264 (the toy world at a VLM's input size, clean and
+    with sensor noise) a 64-px copy chose pairs that show one whole action as often as a 128-px one (70/70 and
+    71/71 against 65/65 and 67/67) at a quarter of the flow's cost (docs/benchmarks.md, decode CPU)."""
     max_side: int = 512
     """Stored frames keep the source resolution, downscaled only so their longer side is at most this (the
     IDM and the world model resize to their own input sizes later). The toy configs set 64."""
@@ -872,6 +874,16 @@ class FramesConfig:
     """Decoding stops after this many frames (guards against endless streams)."""
     image_format: str = "PNG"
     """Encoding of the stored frames: PNG or JPEG."""
+    decode_threads: int = 1
+    """FFmpeg threads decoding each video; 0 = FFmpeg's choice (one per core). Decode tasks already run one video
+    each, in parallel, so 1 spends the least CPU per frame (224-px H.264: 0.08 ms a frame against 0.17 with
+    FFmpeg's threads, docs/benchmarks.md); more helps only a machine with cores to spare and few videos."""
+    shot_cuts: bool = True
+    """Detect hard cuts (PySceneDetect's ContentDetector on the frames already decoded): a cut is never a motion
+    peak, and no pair spans one, since a pair across a cut shows two scenes, not an action."""
+    cut_threshold: float = 27.0
+    """ContentDetector's threshold (its default): the mean change of hue, saturation and value (0-255) between
+    two frames, at `motion_size`, at or above which the second frame starts a new shot."""
 
     def __post_init__(self) -> None:
         check_choice("frames.motion", self.motion, ("farneback", "diff"))

@@ -339,3 +339,20 @@ def test_a_transient_read_failure_is_retried_never_dropped(ray_local: None, asse
     assert again["videos_skipped"] == 2 and again["transient_errors"] == again["errors"] == 0
     assert _table(out / "errors" / "errors.parquet") == []
     assert sorted(p["id"] for p in _table(out / "pairs")) == expected  # every good video's pairs, exactly once
+
+
+def test_the_decode_stage_counts_each_videos_shot_cuts(assets: dict[str, Path], tmp_path: Path) -> None:
+    """Every row of a video carries its cut count (`video_cuts`), which finalize sums into summary.json's
+    `shot_cuts`: the motion peaks dropped because they were cuts (tests/test_finalize.py checks the sum)."""
+    import pyarrow as pa
+    from test_video import _shot
+
+    from cwm_ray.annotate import extract_pairs
+
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(encode_mp4(_shot(1, 40, 32, (255, 255, 255)) + _shot(2, 40, 0, (0, 0, 0)), fps=10))
+    toy = sorted((assets["corpus"] / "videos").glob("*.mp4"))[0]
+    rows = extract_pairs(pa.table({"video_uri": [str(cut), str(toy)], "dataset": ["d", "d"]}),
+                         _cfg(assets, "unused")).to_pylist()
+    cuts = {(Path(r["video_uri"]).name, r["video_cuts"]) for r in rows}
+    assert cuts == {("cut.mp4", 1), (toy.name, 0)} and all(r["error_type"] is None for r in rows)

@@ -593,12 +593,24 @@ class IDMConfig:
     """float32, bfloat16 or float16."""
     device: str = "auto"
     """auto = cuda when available, else cpu."""
+    attn_implementation: str | None = "sdpa"
+    """transformers' attention kernel (`from_pretrained(attn_implementation=...)`): `sdpa` (PyTorch's fused
+    scaled-dot-product attention, which every IDM family supports), `eager`, `flash_attention_2` (needs the
+    flash-attn package and a GPU), or null for transformers' own choice."""
+    cache_implementation: str | None = None
+    """`label`'s KV cache in `generate`: null = dynamic (grows each step); `static` = allocated once for the
+    prompt and `max_new_tokens`, so on a GPU transformers compiles the decoding step (torch.compile) and every
+    step reuses one shape: the fast path for small decoding batches, after one compile per prompt length. On a
+    CPU nothing is compiled and it only adds the allocation. Labels and scores are the same either way (tested)."""
     trust_remote_code: bool = False
     """Off unless a model needs it: remote code runs with your credentials."""
     lora: LoRAConfig = field(default_factory=LoRAConfig)
 
     def __post_init__(self) -> None:
         check_choice("idm.dtype", self.dtype, DTYPE_NAMES)
+        check_choice("idm.attn_implementation", self.attn_implementation,
+                     (None, "sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"))
+        check_choice("idm.cache_implementation", self.cache_implementation, (None, "dynamic", "static"))
 
 
 @dataclass

@@ -25,6 +25,7 @@ import glob as globlib
 import hashlib
 import io
 import json
+import math
 import os
 import tarfile
 import time
@@ -660,6 +661,79 @@ def export_aurora(triplets: ray.data.Dataset | None, cfg: AnnotateConfig) -> Non
     _write_items(storage.join(base, "train.json"), items(rows), cfg)
 
 
+# ---------------------------------------------------------------------------------------------- decode pool
+
+
+def decode_tasks(pair_seconds: float, idm_pair_seconds: float, idm_actors: int, headroom: float) -> int:
+    """Decode tasks that keep `idm_actors` IDM actors fed: each actor takes a pair every `idm_pair_seconds`, each
+    task makes one every `pair_seconds`, and `headroom` covers videos costlier than the sample and slow reads."""
+    return max(1, math.ceil(headroom * idm_actors * pair_seconds / idm_pair_seconds))
+
+
+def measure_decode_seconds(cfg: AnnotateConfig, videos: list[dict[str, str]], sample: int = 2) -> float | None:
+    """CPU seconds of one thread per pair that the decode stage spends (read, decode, motion, cuts, frame choice,
+    PNG), as one decode task spends them, on the first `sample` videos that give pairs (a broken file costs
+    little and says nothing; at most 4 x `sample` are tried); None if none gave a pair."""
+    import cv2
+
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)  # one task's view: the OpenCV calls inside a decode task share its one core
+    try:
+        t0, pairs, good = time.process_time(), 0, 0
+        for video in videos[: 4 * sample]:
+            rows = extract_pairs(pa.table({"video_uri": [video["video_uri"]], "dataset": [video["dataset"]]}), cfg)
+            found = pc.sum(pc.is_null(rows.column("error_type"))).as_py() or 0
+            pairs, good = pairs + found, good + (found > 0)
+            if good >= sample:
+                break
+        return (time.process_time() - t0) / pairs if pairs else None
+    finally:
+        cv2.setNumThreads(threads)
+
+
+def last_idm_pair_seconds(cfg: AnnotateConfig) -> float | None:
+    """One IDM actor's seconds per pair in the last run into this output: its StageClock's time inside the model
+    (summed over actors) over the pairs labelled, from summary.json; None if there is no such run."""
+    uri = storage.join(cfg.output, "summary.json")
+    if not storage.exists(uri, cfg.storage):
+        return None
+    idm = (storage.read_json(uri, cfg.storage).get("stages") or {}).get("idm") or {}
+    return idm["model_seconds"] / idm["pairs"] if idm.get("pairs") and idm.get("model_seconds") else None
+
+
+def size_decode_pool(cfg: AnnotateConfig, todo: list[dict[str, str]]) -> tuple[int, dict[str, Any]]:
+    """(decode tasks at most, 0 = Ray's default; how the number was found, for summary.json `decode_pool`).
+
+    `decode.concurrency: auto` sizes the pool from two measured costs instead of a constant: a decode task's
+    seconds per pair (config, or measured here on the first videos) and an IDM actor's (config, or the last run's
+    StageClock). Too few decode tasks starve the accelerators; too many take CPUs (and memory) that the model
+    actors' nodes need, and on an autoscaling cluster start decode nodes that would only wait.
+    """
+    if cfg.decode.concurrency != "auto":
+        return int(cfg.decode.concurrency), {"concurrency": cfg.decode.concurrency}
+    actors = max(1, cfg.idm_stage.concurrency)
+    decode_s = cfg.decode.pair_seconds or measure_decode_seconds(cfg, todo)
+    idm_s = cfg.decode.idm_pair_seconds or last_idm_pair_seconds(cfg)
+    info: dict[str, Any] = {"concurrency": "auto", "decode_pair_seconds": decode_s, "idm_pair_seconds": idm_s,
+                            "idm_actors": actors, "headroom": cfg.decode.headroom,
+                            "from": {"decode": "config" if cfg.decode.pair_seconds else "measured",
+                                     "idm": "config" if cfg.decode.idm_pair_seconds else "last run"}}
+    if not decode_s or not idm_s:
+        print("[annotate] decode.concurrency=auto: no IDM cost per pair yet (decode.idm_pair_seconds unset and no "
+              "earlier run in this output): Ray's default pool this run; the next run into this output is sized "
+              "from this one's StageClock", flush=True)
+        return 0, info | {"tasks": 0}
+    tasks = decode_tasks(decode_s, idm_s, actors, cfg.decode.headroom)
+    cpus = ray.cluster_resources().get("CPU", 0) if ray.is_initialized() else 0
+    free = cpus - actors * cfg.idm_stage.num_cpus - cfg.recognition_stage.concurrency * cfg.recognition_stage.num_cpus
+    fit = int(max(0.0, free) // max(cfg.decode.num_cpus, 1e-9))
+    print(f"[annotate] decode.concurrency=auto: {tasks} decode tasks (decode {decode_s * 1000:.0f} ms a pair, IDM "
+          f"{idm_s * 1000:.0f} ms a pair x {actors} actors, headroom {cfg.decode.headroom:g})"
+          + (f"; the cluster's free CPUs fit {fit} now: add CPU nodes, or the IDM waits on decoding"
+             if cpus and fit < tasks else ""), flush=True)
+    return tasks, info | {"tasks": tasks, "cpus_fit_now": fit}
+
+
 # ---------------------------------------------------------------------------------------------- main
 
 
@@ -681,8 +755,9 @@ def annotate(cfg: AnnotateConfig) -> dict[str, Any]:
     if not ray.is_initialized():
         ray.init(runtime_env={"env_vars": {"RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}})
     t_pipe, wall_pipe = time.perf_counter(), time.time()
-    clock, stages = None, {}
+    clock, stages, pool = None, {}, None
     if todo:
+        decode_pool, pool = size_decode_pool(cfg, todo)
         run_id = uuid.uuid4().hex[:8]
         clock = StageClock.remote()
         ds = ray.data.from_items(todo, override_num_blocks=min(len(todo), 1000))
@@ -691,8 +766,7 @@ def annotate(cfg: AnnotateConfig) -> dict[str, Any]:
         ds.context.op_resource_reservation_enabled = cfg.op_resource_reservation
         ds = ds.map_batches(extract_pairs, fn_kwargs={"cfg": cfg}, batch_size=1, batch_format="pyarrow",
                             num_cpus=cfg.decode.num_cpus,
-                            **({"compute": ray.data.TaskPoolStrategy(size=cfg.decode.concurrency)}
-                               if cfg.decode.concurrency else {}))
+                            **({"compute": ray.data.TaskPoolStrategy(size=decode_pool)} if decode_pool else {}))
         if cfg.full_batches:
             ds = full_batches(ds, cfg.idm_stage.batch_size, cfg.decode.num_cpus)
         ds = ds.map_batches(IDMLabeler, fn_constructor_args=(cfg, clock),
@@ -717,7 +791,7 @@ def annotate(cfg: AnnotateConfig) -> dict[str, Any]:
     summary |= {"output": cfg.output, "videos": len(videos), "videos_skipped": len(videos) - len(todo),
                 "pairs_per_s": round(new_pairs / pipe_seconds, 2) if todo and pipe_seconds > 0 else None,
                 "pipeline_seconds": round(pipe_seconds, 1), "seconds": round(time.perf_counter() - t0, 1),
-                "stages": stages}
+                "stages": stages, "decode_pool": pool}
     storage.write_json(storage.join(cfg.output, "summary.json"), summary, cfg.storage)
     print_summary(summary)
     return summary

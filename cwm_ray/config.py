@@ -958,6 +958,30 @@ class StageResources:
 
 
 @dataclass
+class DecodeResources(StageResources):
+    """The decode stage: Ray Data tasks, one video each (read, decode, motion, cuts, frame choice, PNG)."""
+
+    concurrency: int | str = 0
+    """Most decode tasks at once: 0 = Ray's default (as many as free CPUs fit), a number, or `auto`: sized from
+    measured costs so decoding keeps every IDM actor fed and no more, ceil(`headroom` x IDM actors x decode
+    seconds per pair / IDM seconds per pair) tasks (docs/annotation.md, "Sizing the decode pool")."""
+    pair_seconds: float | None = None
+    """`auto`: one decode task's seconds per pair; None = measured in the driver on the first two videos to do
+    (CPU seconds of one thread: a decode task's)."""
+    idm_pair_seconds: float | None = None
+    """`auto`: one IDM actor's seconds per pair; None = the last run's in this output (summary.json
+    `stages.idm`, the StageClock's seconds inside the model per pair), else unknown: Ray's default this run."""
+    headroom: float = 1.5
+    """`auto`: decode capacity over the IDM's need, for videos that cost more than the sample and reads that
+    wait on storage."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.concurrency, str) and self.concurrency != "auto":
+            raise ConfigError(f"bad value for config key 'decode.concurrency': {self.concurrency!r}; use a number "
+                              "of tasks, 0 for Ray's default, or auto")
+
+
+@dataclass
 class AnnotateConfig:
     """`jobs/annotate.py`: videos → IDM-labelled, recognition-weighted, stratified triplets (Parquet)."""
 
@@ -972,7 +996,7 @@ class AnnotateConfig:
     """Only its encoder is used, for recognition weights: the base checkpoint's (frozen) encoder."""
     recognition: RecognitionConfig = field(default_factory=RecognitionConfig)
     filter: FilterConfig = field(default_factory=FilterConfig)
-    decode: StageResources = field(default_factory=lambda: StageResources(concurrency=0, num_cpus=0.5))
+    decode: DecodeResources = field(default_factory=lambda: DecodeResources(concurrency=0, num_cpus=0.5))
     """CPU tasks, one video each. Fractional CPUs so decode tasks run beside the actors on small machines."""
     idm_stage: StageResources = field(default_factory=lambda: StageResources(concurrency=1, batch_size=32))
     recognition_stage: StageResources = field(default_factory=lambda: StageResources(

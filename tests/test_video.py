@@ -82,6 +82,8 @@ def test_peaks_respect_k_and_spacing_in_consecutive_mode(corpus: Path) -> None:
 def test_stored_frames_are_capped_by_max_side_and_motion_runs_on_a_small_copy(corpus: Path) -> None:
     data = (corpus / "videos" / "toy_00001.mp4").read_bytes()
     frame = next(iter_frames(data, FramesConfig(motion_size=16, max_side=32)))
+    # The ring buffer holds decoded pictures scaled to max_side, never the source's: memory stays bounded.
+    assert (frame._picture.width, frame._picture.height) == (32, 32)
     assert frame.rgb.shape == (32, 32, 3) and frame.motion is not None and frame.motion.shape == (16, 16)
     assert next(iter_frames(data, FramesConfig(motion_size=16, motion="diff"))).motion.shape == (16, 16, 3)
     # Never upscaled: a 64 px video stays 64 px under the default 512 cap.

@@ -593,12 +593,24 @@ class IDMConfig:
     """float32, bfloat16 or float16."""
     device: str = "auto"
     """auto = cuda when available, else cpu."""
+    attn_implementation: str | None = "sdpa"
+    """transformers' attention kernel (`from_pretrained(attn_implementation=...)`): `sdpa` (PyTorch's fused
+    scaled-dot-product attention, which every IDM family supports), `eager`, `flash_attention_2` (needs the
+    flash-attn package and a GPU), or null for transformers' own choice."""
+    cache_implementation: str | None = None
+    """`label`'s KV cache in `generate`: null = dynamic (grows each step); `static` = allocated once for the
+    prompt and `max_new_tokens`, so on a GPU transformers compiles the decoding step (torch.compile) and every
+    step reuses one shape: the fast path for small decoding batches, after one compile per prompt length. On a
+    CPU nothing is compiled and it only adds the allocation. Labels and scores are the same either way (tested)."""
     trust_remote_code: bool = False
     """Off unless a model needs it: remote code runs with your credentials."""
     lora: LoRAConfig = field(default_factory=LoRAConfig)
 
     def __post_init__(self) -> None:
         check_choice("idm.dtype", self.dtype, DTYPE_NAMES)
+        check_choice("idm.attn_implementation", self.attn_implementation,
+                     (None, "sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"))
+        check_choice("idm.cache_implementation", self.cache_implementation, (None, "dynamic", "static"))
 
 
 @dataclass
@@ -881,9 +893,11 @@ class TrainWorldModelConfig:
 class FramesConfig:
     """Decoding and frame choice (the paper: top K_f = 6 frames by optical flow, at least I_f = 20 apart)."""
 
-    motion_size: int = 128
-    """Motion is measured on frames downscaled so their longer side is this many pixels (optical flow at full
-    resolution costs far more and finds the same peaks)."""
+    motion_size: int = 64
+    """Motion is measured on frames downscaled so their longer side is this many pixels. Farneback flow is most of
+    the CPU a pair costs and grows with the pixels: on 224-px H.264 (the toy world at a VLM's input size, clean and
+    with sensor noise) a 64-px copy chose pairs that show one whole action as often as a 128-px one (70/70 and
+    71/71 against 65/65 and 67/67) at a quarter of the flow's cost (docs/benchmarks.md, decode CPU)."""
     max_side: int = 512
     """Stored frames keep the source resolution, downscaled only so their longer side is at most this (the
     IDM and the world model resize to their own input sizes later). The toy configs set 64."""
@@ -913,6 +927,16 @@ class FramesConfig:
     """Decoding stops after this many frames (guards against endless streams)."""
     image_format: str = "PNG"
     """Encoding of the stored frames: PNG or JPEG."""
+    decode_threads: int = 1
+    """FFmpeg threads decoding each video; 0 = FFmpeg's choice (one per core). Decode tasks already run one video
+    each, in parallel, so 1 spends the least CPU per frame (224-px H.264: 0.08 ms a frame against 0.17 with
+    FFmpeg's threads, docs/benchmarks.md); more helps only a machine with cores to spare and few videos."""
+    shot_cuts: bool = True
+    """Detect hard cuts (PySceneDetect's ContentDetector on the frames already decoded): a cut is never a motion
+    peak, and no pair spans one, since a pair across a cut shows two scenes, not an action."""
+    cut_threshold: float = 27.0
+    """ContentDetector's threshold (its default): the mean change of hue, saturation and value (0-255) between
+    two frames, at `motion_size`, at or above which the second frame starts a new shot."""
 
     def __post_init__(self) -> None:
         check_choice("frames.motion", self.motion, ("farneback", "diff"))
@@ -975,6 +999,30 @@ class StageResources:
 
 
 @dataclass
+class DecodeResources(StageResources):
+    """The decode stage: Ray Data tasks, one video each (read, decode, motion, cuts, frame choice, PNG)."""
+
+    concurrency: int | str = 0
+    """Most decode tasks at once: 0 = Ray's default (as many as free CPUs fit), a number, or `auto`: sized from
+    measured costs so decoding keeps every IDM actor fed and no more, ceil(`headroom` x IDM actors x decode
+    seconds per pair / IDM seconds per pair) tasks (docs/annotation.md, "Sizing the decode pool")."""
+    pair_seconds: float | None = None
+    """`auto`: one decode task's seconds per pair; None = measured in the driver on the first two videos to do
+    (CPU seconds of one thread: a decode task's)."""
+    idm_pair_seconds: float | None = None
+    """`auto`: one IDM actor's seconds per pair; None = the last run's in this output (summary.json
+    `stages.idm`, the StageClock's seconds inside the model per pair), else unknown: Ray's default this run."""
+    headroom: float = 1.5
+    """`auto`: decode capacity over the IDM's need, for videos that cost more than the sample and reads that
+    wait on storage."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.concurrency, str) and self.concurrency != "auto":
+            raise ConfigError(f"bad value for config key 'decode.concurrency': {self.concurrency!r}; use a number "
+                              "of tasks, 0 for Ray's default, or auto")
+
+
+@dataclass
 class AnnotateConfig:
     """`jobs/annotate.py`: videos → IDM-labelled, recognition-weighted, stratified triplets (Parquet)."""
 
@@ -991,7 +1039,7 @@ class AnnotateConfig:
     """Maps stored with each triplet (`weights`), which a weighted world-model run then uses as stored; with
     `enabled` false the recognition stage does not run and no map is stored (a weighted run computes its own)."""
     filter: FilterConfig = field(default_factory=FilterConfig)
-    decode: StageResources = field(default_factory=lambda: StageResources(concurrency=0, num_cpus=0.5))
+    decode: DecodeResources = field(default_factory=lambda: DecodeResources(concurrency=0, num_cpus=0.5))
     """CPU tasks, one video each. Fractional CPUs so decode tasks run beside the actors on small machines."""
     idm_stage: StageResources = field(default_factory=lambda: StageResources(concurrency=1, batch_size=32))
     recognition_stage: StageResources = field(default_factory=lambda: StageResources(

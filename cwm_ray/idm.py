@@ -122,7 +122,8 @@ class InverseDynamicsModel:
             path = storage.local_dir(cfg.model)
             try:
                 model = AutoModelForImageTextToText.from_pretrained(
-                    path, dtype=dtype, use_safetensors=True, trust_remote_code=cfg.trust_remote_code
+                    path, dtype=dtype, use_safetensors=True, trust_remote_code=cfg.trust_remote_code,
+                    **({"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}),
                 )
             except ValueError as exc:
                 if "Unrecognized configuration class" not in str(exc):
@@ -258,6 +259,7 @@ class InverseDynamicsModel:
             out = self.model.generate(
                 **inputs, **sampling, max_new_tokens=self.cfg.max_new_tokens, return_dict_in_generate=True,
                 output_logits=True, eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
+                **({"cache_implementation": self.cfg.cache_implementation} if self.cfg.cache_implementation else {}),
             )
             token_logprobs = self.model.compute_transition_scores(out.sequences, out.logits, normalize_logits=True)
         generated = out.sequences[:, p:]

@@ -36,6 +36,7 @@ def _video_rows(rng: random.Random, uri: str, dataset: str, png: bytes) -> list[
     n = rng.randrange(1, 5)
     return [{"id": pair_id(uri, 2 * k, 2 * k + 1), "dataset": dataset, "video_uri": uri, "src_index": 2 * k,
              "tgt_index": 2 * k + 1, "source": png, "target": png, "width": 8, "height": 8, "video_pairs": n,
+             "video_cuts": n % 3,
              "action": f"{rng.choice(CLASSES)} the cup", "action_class": rng.choice(CLASSES),
              "logprob": -rng.randrange(0, 8) / 4, "num_tokens": rng.randrange(1, 4)} for k in range(n)]
 
@@ -121,6 +122,8 @@ def test_finalize_equals_the_row_by_row_reference(ray_local: None, tmp_path: Pat
                for i in items)
     assert summary["pairs"] == len(pair_ids) and summary["triplets"] == len(kept)
     assert summary["videos_done"] == len(_finished_reference(index))
+    cuts = {r["video_uri"]: r["video_cuts"] for r in index.to_pylist() if r["video_uri"] in _finished_reference(index)}
+    assert summary["shot_cuts"] == sum(c or 0 for c in cuts.values()) > 0  # each finished video's cuts, once
     assert sum(c["triplets"] for c in summary["corpora"].values()) == len(kept)
     assert sum(sum(c["classes"].values()) for c in summary["corpora"].values()) == len(kept)
     assert not (tmp_path / "_selection").exists()

@@ -14,6 +14,7 @@ Each family is a tiny random checkpoint of its real classes, processor, special 
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -107,6 +108,28 @@ def test_labels_and_scores_share_one_likelihood_after_a_short_fit(family: tuple[
     assert [lab.action for lab in labels] == ACTIONS
     rescored = idm.score_batch(sources, targets, ACTIONS)
     np.testing.assert_allclose([lab.logprob for lab in labels], rescored, atol=1e-4)
+    # The throughput path (issue 32): a static KV cache gives the same labels, and the label's log-likelihood,
+    # read from the generation's own logits, is still the teacher-forced score.
+    idm.cfg = dataclasses.replace(idm.cfg, cache_implementation="static")
+    static = idm.label(sources, targets)
+    assert [lab.action for lab in static] == ACTIONS
+    np.testing.assert_allclose([lab.logprob for lab in static], rescored, atol=1e-4)
+
+
+def test_label_runs_the_vision_tower_once_per_batch(family: tuple[str, str]) -> None:
+    """Issue 32: the images are encoded once, in the prefill; each decoding step reads the KV cache, never the
+    pixels again (a path that passed pixel_values every step would run the tower max_new_tokens times)."""
+    _, path = family
+    idm = InverseDynamicsModel.load(IDMConfig(model=path, max_new_tokens=4, cache_implementation="static"))
+    base = idm.model.model
+    tower = next(getattr(base, n) for n in ("vision_tower", "visual", "vision_model") if hasattr(base, n))
+    calls: list[int] = []
+    hook = tower.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        labels = idm.label(_frames(8, (224, 224), 3), _frames(9, (224, 224), 3))
+    finally:
+        hook.remove()
+    assert len(labels) == 3 and sum(lab.num_tokens for lab in labels) > 3 and calls == [1]
 
 
 def test_a_row_scores_the_same_alone_or_beside_frames_of_another_size(family: tuple[str, str]) -> None:

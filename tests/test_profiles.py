@@ -33,7 +33,8 @@ ROOT = Path(__file__).resolve().parent.parent
 REAL = sorted((ROOT / "configs" / "real").glob("*.yaml"))
 CLUSTER = {"annotate_": AnnotateConfig, "train_idm_": TrainIDMConfig, "train_world_model_": TrainWorldModelConfig}
 JOBS = (AnnotateConfig, TrainIDMConfig, TrainWorldModelConfig, ServeConfig, EvaluateConfig, EvaluateIDMConfig)
-SIZE_KEYS = {"image_size", "resolution", "motion_size", "max_side"}
+SIZE_KEYS = {"image_size", "resolution", "max_side"}
+"""Sizes that are 64 only in the toy world (`frames.motion_size` is 64 for real video too: flow on a 64-px copy)."""
 TOY_SIZE = 64
 
 

@@ -45,10 +45,14 @@ lint: setup
 # Speed benchmarks (issue 9): each prints one JSON line per figure (ratios against a baseline measured in the
 # same run), also appended to bench/results.jsonl. p1_annotation.py prints P1 and P7 from one run, with an IDM
 # of a real family sized to cost about 3x decoding per pair (issue 22); p5_decode.py prints P5 at the toy balance.
+# decode_cpu.py: one core's CPU per pair for decode + motion + store at 224 px; idm_throughput.py: the IDM's
+# label path against plain generate, tokens/s (issue 32).
 # All seven figures, P2 for both world-model backends, and finalize at 1M rows; P6 (jobs/reproduce.py end to end) takes about 27 minutes: BENCH_P6=0 skips it.
 bench: setup
 	BENCH_RESULTS=bench/results.jsonl $(PY) bench/p1_annotation.py
 	BENCH_RESULTS=bench/results.jsonl $(PY) bench/p5_decode.py
+	BENCH_RESULTS=bench/results.jsonl $(PY) bench/decode_cpu.py
+	BENCH_RESULTS=bench/results.jsonl $(PY) bench/idm_throughput.py
 	BENCH_RESULTS=bench/results.jsonl $(PY) bench/p2_best_of_n.py
 	BENCH_RESULTS=bench/results.jsonl $(PY) bench/p2_best_of_n.py backend=token
 	BENCH_RESULTS=bench/results.jsonl $(PY) bench/finalize_scale.py

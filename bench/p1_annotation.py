@@ -28,7 +28,7 @@ Prints one JSON line per figure in `emit`:
   pipeline can gain on one machine;
 - P7: seconds inside `idm.label` over the steady wall time x IDM actors (goal >= 0.9), from summary.json's
   `stages.idm`;
-- P5: frames/s of the pipeline / frames/s of PyAV decoding alone (goal >= 0.5 with the toy IDM).
+- P5: frames/s of the pipeline / frames/s of PyAV decoding alone (goal >= 0.6 with the toy IDM, issue 32).
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ TOY: dict[str, Any] = {
     "idm_batch": 32, "idm_concurrency": 1,
 }
 """The settings of the toy balance (configs/annotate.yaml's stages), applied under any key=value given with idm=toy."""
-GOALS = {"P1": 1.1, "P5": 0.5, "P7": 0.9}
+GOALS = {"P1": 1.1, "P5": 0.6, "P7": 0.9}
 
 
 def annotate_cfg(args: dict[str, Any], models: dict[str, str], manifest: str, output: str) -> Any:

@@ -1,4 +1,4 @@
-"""P1–P4 at real size: the same benches, with randomly initialised models of real families at published sizes.
+"""P1–P4 and the IDM throughput at real size: the same benches, with random models of real families at published sizes.
 
     .venv/bin/python bench/real_size.py                                   # on a lent GPU: size=real device=cuda
     .venv/bin/python bench/real_size.py size=tiny device=cpu benches=P2   # the smoke run CI makes
@@ -29,7 +29,7 @@ from typing import Any
 from common import CACHE, REPO, parse_args
 
 DEFAULTS: dict[str, Any] = {"size": "real", "device": "cuda", "idm_family": "qwen2_vl",
-                            "wm_families": "instruct_pix2pix,janus", "benches": "P1,P2,P3,P4", "quick": True}
+                            "wm_families": "instruct_pix2pix,janus", "benches": "P1,P2,P3,P4,IDM", "quick": True}
 PROFILES = {"instruct_pix2pix": "configs/real/qwen25vl7b_ip2p.yaml",
             "janus": "configs/real/qwen25vl7b_janus_pro_1b.yaml"}
 """The model profile of each world-model family: its sizes, prompt and sampling settings."""
@@ -57,7 +57,8 @@ def _families(args: dict[str, Any]) -> list[str]:
 
 
 def commands(args: dict[str, Any], models: dict[str, str]) -> list[tuple[str, dict[str, str], list[str]]]:
-    """(bench, environment, argv) of every run, in order: P1-P3 once per world-model family, P4 for both models."""
+    """(bench, environment, argv) of every run, in order: P1-P3 once per world-model family, P4 for both models, and
+    the IDM's label path (bench/idm_throughput.py, bf16, batch 64) with a dynamic and a static KV cache."""
     from cwm_ray.tiny.world_model import BACKEND
 
     quick = ["--quick"] if args["quick"] else []
@@ -67,6 +68,11 @@ def commands(args: dict[str, Any], models: dict[str, str]) -> list[tuple[str, di
         env = {"BENCH_IDM": models["idm"], "BENCH_WORLD_MODEL": models[family], "BENCH_WM_BACKEND": BACKEND[family],
                "BENCH_DEVICE": args["device"]}
         profile = PROFILES[family]
+        if "IDM" in wanted and family == _families(args)[0]:  # the IDM's label path (issue 32: >= 150 pairs/s)
+            dtype = "bfloat16" if args["device"].startswith("cuda") else "float32"
+            for cache in ("", "static"):
+                runs.append(("IDM", env, ["bench/idm_throughput.py", *quick, f"dtype={dtype}", f"cache={cache}",
+                                          "batch=64", "new_tokens=24", "threads=0"]))
         if "P1" in wanted:
             runs.append(("P1", env, ["bench/p1_annotation.py", *quick, f"config={profile}", "video_size=224",
                                      "idm_batch=16", "rec_batch=16"]))

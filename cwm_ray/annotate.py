@@ -25,11 +25,12 @@ import glob as globlib
 import hashlib
 import io
 import json
+import math
 import os
 import tarfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import numpy as np
@@ -47,12 +48,12 @@ from cwm_ray.config import AnnotateConfig, StageResources
 from cwm_ray.data import actor_stage
 from cwm_ray.filtering import action_class, stratified_top_k_mask
 from cwm_ray.schema import ERROR_SCHEMA, LABEL_FIELDS, PAIR_FIELDS, WEIGHT_FIELDS, encode_image, pair_id
-from cwm_ray.video import VideoError, choose_pairs, iter_frames
+from cwm_ray.video import Frame, VideoError, choose_pairs, iter_frames
 
 STAGING_SCHEMA = pa.schema(
     PAIR_FIELDS
     + [pa.field("video_pairs", pa.int64()), pa.field("error_type", pa.string()), pa.field("message", pa.string()),
-       pa.field("stage", pa.string()), pa.field("transient", pa.bool_())]
+       pa.field("stage", pa.string()), pa.field("transient", pa.bool_()), pa.field("video_cuts", pa.int64())]
     + LABEL_FIELDS + WEIGHT_FIELDS
 )
 OUTPUT_COLUMNS = [f.name for f in PAIR_FIELDS + LABEL_FIELDS + WEIGHT_FIELDS]
@@ -182,15 +183,18 @@ def extract_pairs(batch: pa.Table, cfg: AnnotateConfig) -> pa.Table:
     rows: list[dict[str, Any]] = []  # columns a row leaves out (labels, weights, ...) are null
     for video_uri, dataset in zip(batch.column("video_uri").to_pylist(), batch.column("dataset").to_pylist(),
                                   strict=True):
+        frames = None
         try:
             data = with_retries(lambda uri=video_uri: read_video_bytes(uri, cfg), f"reading {video_uri}", cfg)
-            pairs, _ = choose_pairs(iter_frames(data, cfg.frames), cfg.frames)
+            frames = _CountingCuts(iter_frames(data, cfg.frames))
+            pairs, _ = choose_pairs(iter(frames), cfg.frames)
             if not pairs:
                 raise VideoError("NoMotion", "no frame pair has enough motion (frames.min_motion)")
         except (VideoError, OSError, ValueError, tarfile.TarError) as exc:
             rows.append({"id": hashlib.sha1(f"{video_uri}#error".encode()).hexdigest()[:20], "dataset": dataset,
                          "video_uri": video_uri, "video_pairs": 0, "stage": "decode", "transient": is_transient(exc),
-                         "error_type": getattr(exc, "kind", type(exc).__name__), "message": str(exc)[:2000]})
+                         "error_type": getattr(exc, "kind", type(exc).__name__), "message": str(exc)[:2000],
+                         "video_cuts": None if frames is None else frames.cuts})
             continue
         fmt = cfg.frames.image_format
         for p in pairs:
@@ -200,9 +204,23 @@ def extract_pairs(batch: pa.Table, cfg: AnnotateConfig) -> pa.Table:
                 "video_uri": video_uri, "src_index": p.source.index, "tgt_index": p.target.index,
                 "src_time": p.source.time, "tgt_time": p.target.time, "motion": p.motion,
                 "source": encode_image(p.source.rgb, fmt), "target": encode_image(p.target.rgb, fmt),
-                "width": w, "height": h, "video_pairs": len(pairs),
+                "width": w, "height": h, "video_pairs": len(pairs), "video_cuts": frames.cuts,
             })
     return pa.Table.from_pylist(rows, schema=STAGING_SCHEMA)
+
+
+class _CountingCuts:
+    """A video's frames passed through, counting its shot cuts (`frames.shot_cuts`): each is a motion peak that
+    frame choice dropped, reported as summary.json's `shot_cuts`."""
+
+    def __init__(self, frames: Iterator[Frame]) -> None:
+        self.frames = frames
+        self.cuts = 0
+
+    def __iter__(self) -> Iterator[Frame]:
+        for frame in self.frames:
+            self.cuts += frame.cut
+            yield frame
 
 
 def _replace_columns(batch: pa.Table, columns: dict[str, list[Any]]) -> pa.Table:
@@ -421,7 +439,7 @@ def finished_videos(index: pa.Table) -> set[str]:
 # ---------------------------------------------------------------------------------------------- finalize
 
 INDEX_COLUMNS = ["id", "video_uri", "dataset", "video_pairs", "error_type", "stage", "message", "transient",
-                 "action", "action_class", "logprob", "num_tokens"]
+                 "action", "action_class", "logprob", "num_tokens", "video_cuts"]
 
 
 def _write_table(table: pa.Table, uri: str, cfg: AnnotateConfig) -> None:
@@ -587,7 +605,9 @@ def finalize(cfg: AnnotateConfig, index: pa.Table, files: list[str]) -> dict[str
                           if has_triplets else None, cfg)
     storage.delete(selection, cfg.storage)
 
+    cuts = unique.group_by("video_uri", use_threads=False).aggregate([("video_cuts", "max")])
     return {"videos_done": videos_done, "pairs": pairs_idx.num_rows, "triplets": pc.sum(kept).as_py() or 0,
+            "shot_cuts": pc.sum(cuts.column("video_cuts_max")).as_py() or 0,
             "errors": errors.num_rows, "error_types": _counts(errors.column("error_type")),
             "transient_errors": retry.num_rows, "transient_error_types": _counts(retry.column("error_type")),
             "corpora": _corpora(pairs_idx, kept)}
@@ -641,6 +661,79 @@ def export_aurora(triplets: ray.data.Dataset | None, cfg: AnnotateConfig) -> Non
     _write_items(storage.join(base, "train.json"), items(rows), cfg)
 
 
+# ---------------------------------------------------------------------------------------------- decode pool
+
+
+def decode_tasks(pair_seconds: float, idm_pair_seconds: float, idm_actors: int, headroom: float) -> int:
+    """Decode tasks that keep `idm_actors` IDM actors fed: each actor takes a pair every `idm_pair_seconds`, each
+    task makes one every `pair_seconds`, and `headroom` covers videos costlier than the sample and slow reads."""
+    return max(1, math.ceil(headroom * idm_actors * pair_seconds / idm_pair_seconds))
+
+
+def measure_decode_seconds(cfg: AnnotateConfig, videos: list[dict[str, str]], sample: int = 2) -> float | None:
+    """CPU seconds of one thread per pair that the decode stage spends (read, decode, motion, cuts, frame choice,
+    PNG), as one decode task spends them, on the first `sample` videos that give pairs (a broken file costs
+    little and says nothing; at most 4 x `sample` are tried); None if none gave a pair."""
+    import cv2
+
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)  # one task's view: the OpenCV calls inside a decode task share its one core
+    try:
+        t0, pairs, good = time.process_time(), 0, 0
+        for video in videos[: 4 * sample]:
+            rows = extract_pairs(pa.table({"video_uri": [video["video_uri"]], "dataset": [video["dataset"]]}), cfg)
+            found = pc.sum(pc.is_null(rows.column("error_type"))).as_py() or 0
+            pairs, good = pairs + found, good + (found > 0)
+            if good >= sample:
+                break
+        return (time.process_time() - t0) / pairs if pairs else None
+    finally:
+        cv2.setNumThreads(threads)
+
+
+def last_idm_pair_seconds(cfg: AnnotateConfig) -> float | None:
+    """One IDM actor's seconds per pair in the last run into this output: its StageClock's time inside the model
+    (summed over actors) over the pairs labelled, from summary.json; None if there is no such run."""
+    uri = storage.join(cfg.output, "summary.json")
+    if not storage.exists(uri, cfg.storage):
+        return None
+    idm = (storage.read_json(uri, cfg.storage).get("stages") or {}).get("idm") or {}
+    return idm["model_seconds"] / idm["pairs"] if idm.get("pairs") and idm.get("model_seconds") else None
+
+
+def size_decode_pool(cfg: AnnotateConfig, todo: list[dict[str, str]]) -> tuple[int, dict[str, Any]]:
+    """(decode tasks at most, 0 = Ray's default; how the number was found, for summary.json `decode_pool`).
+
+    `decode.concurrency: auto` sizes the pool from two measured costs instead of a constant: a decode task's
+    seconds per pair (config, or measured here on the first videos) and an IDM actor's (config, or the last run's
+    StageClock). Too few decode tasks starve the accelerators; too many take CPUs (and memory) that the model
+    actors' nodes need, and on an autoscaling cluster start decode nodes that would only wait.
+    """
+    if cfg.decode.concurrency != "auto":
+        return int(cfg.decode.concurrency), {"concurrency": cfg.decode.concurrency}
+    actors = max(1, cfg.idm_stage.concurrency)
+    decode_s = cfg.decode.pair_seconds or measure_decode_seconds(cfg, todo)
+    idm_s = cfg.decode.idm_pair_seconds or last_idm_pair_seconds(cfg)
+    info: dict[str, Any] = {"concurrency": "auto", "decode_pair_seconds": decode_s, "idm_pair_seconds": idm_s,
+                            "idm_actors": actors, "headroom": cfg.decode.headroom,
+                            "from": {"decode": "config" if cfg.decode.pair_seconds else "measured",
+                                     "idm": "config" if cfg.decode.idm_pair_seconds else "last run"}}
+    if not decode_s or not idm_s:
+        print("[annotate] decode.concurrency=auto: no IDM cost per pair yet (decode.idm_pair_seconds unset and no "
+              "earlier run in this output): Ray's default pool this run; the next run into this output is sized "
+              "from this one's StageClock", flush=True)
+        return 0, info | {"tasks": 0}
+    tasks = decode_tasks(decode_s, idm_s, actors, cfg.decode.headroom)
+    cpus = ray.cluster_resources().get("CPU", 0) if ray.is_initialized() else 0
+    free = cpus - actors * cfg.idm_stage.num_cpus - cfg.recognition_stage.concurrency * cfg.recognition_stage.num_cpus
+    fit = int(max(0.0, free) // max(cfg.decode.num_cpus, 1e-9))
+    print(f"[annotate] decode.concurrency=auto: {tasks} decode tasks (decode {decode_s * 1000:.0f} ms a pair, IDM "
+          f"{idm_s * 1000:.0f} ms a pair x {actors} actors, headroom {cfg.decode.headroom:g})"
+          + (f"; the cluster's free CPUs fit {fit} now: add CPU nodes, or the IDM waits on decoding"
+             if cpus and fit < tasks else ""), flush=True)
+    return tasks, info | {"tasks": tasks, "cpus_fit_now": fit}
+
+
 # ---------------------------------------------------------------------------------------------- main
 
 
@@ -662,8 +755,9 @@ def annotate(cfg: AnnotateConfig) -> dict[str, Any]:
     if not ray.is_initialized():
         ray.init(runtime_env={"env_vars": {"RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}})
     t_pipe, wall_pipe = time.perf_counter(), time.time()
-    clock, stages = None, {}
+    clock, stages, pool = None, {}, None
     if todo:
+        decode_pool, pool = size_decode_pool(cfg, todo)
         run_id = uuid.uuid4().hex[:8]
         clock = StageClock.remote()
         ds = ray.data.from_items(todo, override_num_blocks=min(len(todo), 1000))
@@ -672,14 +766,14 @@ def annotate(cfg: AnnotateConfig) -> dict[str, Any]:
         ds.context.op_resource_reservation_enabled = cfg.op_resource_reservation
         ds = ds.map_batches(extract_pairs, fn_kwargs={"cfg": cfg}, batch_size=1, batch_format="pyarrow",
                             num_cpus=cfg.decode.num_cpus,
-                            **({"compute": ray.data.TaskPoolStrategy(size=cfg.decode.concurrency)}
-                               if cfg.decode.concurrency else {}))
+                            **({"compute": ray.data.TaskPoolStrategy(size=decode_pool)} if decode_pool else {}))
         if cfg.full_batches:
             ds = full_batches(ds, cfg.idm_stage.batch_size, cfg.decode.num_cpus)
         ds = ds.map_batches(IDMLabeler, fn_constructor_args=(cfg, clock),
                             **_actor_kwargs(cfg.idm_stage))
-        ds = ds.map_batches(RecognitionStage, fn_constructor_args=(cfg, cfg.recognition_stage, clock),
-                            **_actor_kwargs(cfg.recognition_stage))
+        if cfg.recognition.enabled:  # off: no map is stored, and a weighted training run computes its own
+            ds = ds.map_batches(RecognitionStage, fn_constructor_args=(cfg, cfg.recognition_stage, clock),
+                                **_actor_kwargs(cfg.recognition_stage))
         fs, path = storage.filesystem(_staging(cfg), cfg.storage)
         # File names carry the run id, so a resumed run never overwrites an earlier run's files.
         names = FilenameProvider(dataset_uuid=run_id, file_format="parquet")
@@ -698,7 +792,7 @@ def annotate(cfg: AnnotateConfig) -> dict[str, Any]:
     summary |= {"output": cfg.output, "videos": len(videos), "videos_skipped": len(videos) - len(todo),
                 "pairs_per_s": round(new_pairs / pipe_seconds, 2) if todo and pipe_seconds > 0 else None,
                 "pipeline_seconds": round(pipe_seconds, 1), "seconds": round(time.perf_counter() - t0, 1),
-                "stages": stages}
+                "stages": stages, "decode_pool": pool}
     storage.write_json(storage.join(cfg.output, "summary.json"), summary, cfg.storage)
     print_summary(summary)
     return summary
@@ -733,7 +827,8 @@ def _stage_summary(stats: dict[str, dict[str, float]], wall_start: float, second
 def print_summary(summary: dict[str, Any]) -> None:
     print(f"\n[annotate] {summary['videos']} videos ({summary['videos_skipped']} skipped as done), "
           f"{summary['pairs']} pairs, {summary['triplets']} triplets kept, {summary['errors']} errors "
-          f"{summary['error_types'] or ''}; {summary['pairs_per_s']} pairs/s")
+          f"{summary['error_types'] or ''}; {summary['shot_cuts']} shot cuts (never a pair); "
+          f"{summary['pairs_per_s']} pairs/s")
     if summary["transient_errors"]:
         print(f"[annotate] {summary['transient_errors']} videos failed transiently {summary['transient_error_types']}"
               " and are not finished: re-run into the same output to retry them (errors/errors.parquet, transient)")

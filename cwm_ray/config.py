@@ -597,6 +597,15 @@ class IDMConfig:
     """float32, bfloat16 or float16."""
     device: str = "auto"
     """auto = cuda when available, else cpu."""
+    attn_implementation: str | None = "sdpa"
+    """transformers' attention kernel (`from_pretrained(attn_implementation=...)`): `sdpa` (PyTorch's fused
+    scaled-dot-product attention, which every IDM family supports), `eager`, `flash_attention_2` (needs the
+    flash-attn package and a GPU), or null for transformers' own choice."""
+    cache_implementation: str | None = None
+    """`label`'s KV cache in `generate`: null = dynamic (grows each step); `static` = allocated once for the
+    prompt and `max_new_tokens`, so on a GPU transformers compiles the decoding step (torch.compile) and every
+    step reuses one shape: the fast path for small decoding batches, after one compile per prompt length. On a
+    CPU nothing is compiled and it only adds the allocation. Labels and scores are the same either way (tested)."""
     trust_remote_code: bool = False
     """Off unless a model needs it: remote code runs with your credentials."""
     lora: LoRAConfig = field(default_factory=LoRAConfig)
@@ -610,6 +619,9 @@ class IDMConfig:
     def __post_init__(self) -> None:
         check_choice("idm.dtype", self.dtype, DTYPE_NAMES)
         check_choice("idm.lora_export", self.lora_export, IDM_LORA_EXPORTS)
+        check_choice("idm.attn_implementation", self.attn_implementation,
+                     (None, "sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"))
+        check_choice("idm.cache_implementation", self.cache_implementation, (None, "dynamic", "static"))
 
 
 @dataclass
@@ -619,7 +631,8 @@ class RecognitionConfig:
     enabled: bool = True
     """False = all-ones weights (the unweighted ablation), through the same code path."""
     floor: float = 0.1
-    """After normalising to mean 1, weights are at least this, so unchanged regions still count."""
+    """After normalising to mean 1, weights are at least this, so unchanged regions still count. A map annotation
+    stored was made with annotation's floor (a profile shares one `_recognition` anchor between the two)."""
     uniform_by: float | None = None
     """Fraction of `optim.max_steps` over which the weights fade linearly to uniform (w → 1 + s·(w − 1), s from 1
     to 0), then stay uniform; None keeps them throughout, as the paper does. Why: a loss weight that depends on
@@ -759,15 +772,51 @@ class OptimSection:
     adam_epsilon: float = 1e-8
     warmup_steps: int = 20
     batch_size: int = 32
-    """Per-worker micro-batch size."""
-    max_steps: int = 1000
-    """Total optimizer steps; a resumed run continues to exactly this count."""
+    """Per-worker micro-batch size: the rows one forward pass holds, a cluster wiring's choice (GPU memory)."""
+    global_batch_size: int | None = None
+    """Rows per optimizer step, summed over workers: the recipe's (the paper: 64 for the IDM, 96 for the world
+    model). Each worker accumulates gradients over global_batch_size / (scaling.num_workers × batch_size)
+    micro-batches (DeepSpeed's `gradient_accumulation_steps`, or DDP's `no_sync`), so a wiring with more or fewer
+    workers changes the speed, never the recipe; it must divide evenly. None = num_workers × batch_size, no
+    accumulation (the toy configs)."""
+    epochs: float | None = None
+    """Passes over the training set. Set, it derives `max_steps` = ceil(epochs × training rows / global batch),
+    the rows counted in the driver before training starts (gold items and Parquet ids, each source times its
+    weight, without reading an image), and `max_steps` must be null. The real profiles set it (the paper's 10
+    for the IDM, 40 for the world model), since their data size is not known when the profile is written."""
+    max_steps: int | None = 1000
+    """Total optimizer steps, or null with `epochs`; a resumed run continues to exactly this count."""
     schedule: str = "cosine"
     """Learning rate after warm-up: `cosine` (decays to 0 at max_steps) or `constant`."""
     seed: int = 0
 
     def __post_init__(self) -> None:
         check_choice("optim.schedule", self.schedule, ("cosine", "constant"))  # cwm_ray.train.SCHEDULES
+        if (self.epochs is None) == (self.max_steps is None):
+            raise ConfigError("set exactly one of optim.epochs and optim.max_steps (the other null): got "
+                              f"epochs={self.epochs}, max_steps={self.max_steps}")
+        for key in ("epochs", "max_steps", "batch_size", "global_batch_size"):
+            value = getattr(self, key)
+            if value is not None and value <= 0:
+                raise ConfigError(f"bad value for config key 'optim.{key}': {value}; use a positive number")
+
+
+def accumulation_steps(optim: OptimSection, scaling: ScalingSection) -> int:
+    """Micro-batches each worker accumulates per optimizer step, so the global batch is `optim.global_batch_size`
+    whatever the worker count; a ConfigError naming both ways out when it does not divide evenly."""
+    per_step = scaling.num_workers * optim.batch_size
+    if optim.global_batch_size is None:
+        return 1
+    steps, rest = divmod(optim.global_batch_size, per_step)
+    if rest or steps < 1:
+        fits = [b for b in range(1, optim.batch_size + 1)
+                if optim.global_batch_size % (scaling.num_workers * b) == 0]
+        hint = f"optim.batch_size={fits[-1]}" if fits else f"a worker count that divides {optim.global_batch_size}"
+        raise ConfigError(
+            f"optim.global_batch_size={optim.global_batch_size} is not a whole number of micro-batches of "
+            f"scaling.num_workers={scaling.num_workers} x optim.batch_size={optim.batch_size} = {per_step}: "
+            f"use {hint}, or change the global batch (the recipe) on purpose")
+    return steps
 
 
 @dataclass
@@ -815,6 +864,7 @@ class TrainIDMConfig:
         if self.idm.lora_export == "adapter" and not self.idm.lora.enabled:
             raise ConfigError("idm.lora_export=adapter exports a LoRA adapter, but idm.lora.enabled is false (all "
                               "weights train): set idm.lora.enabled=true, or idm.lora_export=merged")
+        accumulation_steps(self.optim, self.scaling)
 
 
 @dataclass
@@ -840,6 +890,7 @@ class TrainWorldModelConfig:
     outputs lost with the job's temporary working directory, is never what a cluster run means."""
 
     def __post_init__(self) -> None:
+        accumulation_steps(self.optim, self.scaling)
         backend = self.world_model.backend
         if backend != "diffusion":
             for key, default in (("name", "toy_world_model"), ("export", "outputs/models/toy_world_model")):
@@ -856,9 +907,11 @@ class TrainWorldModelConfig:
 class FramesConfig:
     """Decoding and frame choice (the paper: top K_f = 6 frames by optical flow, at least I_f = 20 apart)."""
 
-    motion_size: int = 128
-    """Motion is measured on frames downscaled so their longer side is this many pixels (optical flow at full
-    resolution costs far more and finds the same peaks)."""
+    motion_size: int = 64
+    """Motion is measured on frames downscaled so their longer side is this many pixels. Farneback flow is most of
+    the CPU a pair costs and grows with the pixels: on 224-px H.264 (the toy world at a VLM's input size, clean and
+    with sensor noise) a 64-px copy chose pairs that show one whole action as often as a 128-px one (70/70 and
+    71/71 against 65/65 and 67/67) at a quarter of the flow's cost (docs/benchmarks.md, decode CPU)."""
     max_side: int = 512
     """Stored frames keep the source resolution, downscaled only so their longer side is at most this (the
     IDM and the world model resize to their own input sizes later). The toy configs set 64."""
@@ -888,6 +941,16 @@ class FramesConfig:
     """Decoding stops after this many frames (guards against endless streams)."""
     image_format: str = "PNG"
     """Encoding of the stored frames: PNG or JPEG."""
+    decode_threads: int = 1
+    """FFmpeg threads decoding each video; 0 = FFmpeg's choice (one per core). Decode tasks already run one video
+    each, in parallel, so 1 spends the least CPU per frame (224-px H.264: 0.08 ms a frame against 0.17 with
+    FFmpeg's threads, docs/benchmarks.md); more helps only a machine with cores to spare and few videos."""
+    shot_cuts: bool = True
+    """Detect hard cuts (PySceneDetect's ContentDetector on the frames already decoded): a cut is never a motion
+    peak, and no pair spans one, since a pair across a cut shows two scenes, not an action."""
+    cut_threshold: float = 27.0
+    """ContentDetector's threshold (its default): the mean change of hue, saturation and value (0-255) between
+    two frames, at `motion_size`, at or above which the second frame starts a new shot."""
 
     def __post_init__(self) -> None:
         check_choice("frames.motion", self.motion, ("farneback", "diff"))
@@ -950,6 +1013,30 @@ class StageResources:
 
 
 @dataclass
+class DecodeResources(StageResources):
+    """The decode stage: Ray Data tasks, one video each (read, decode, motion, cuts, frame choice, PNG)."""
+
+    concurrency: int | str = 0
+    """Most decode tasks at once: 0 = Ray's default (as many as free CPUs fit), a number, or `auto`: sized from
+    measured costs so decoding keeps every IDM actor fed and no more, ceil(`headroom` x IDM actors x decode
+    seconds per pair / IDM seconds per pair) tasks (docs/annotation.md, "Sizing the decode pool")."""
+    pair_seconds: float | None = None
+    """`auto`: one decode task's seconds per pair; None = measured in the driver on the first two videos to do
+    (CPU seconds of one thread: a decode task's)."""
+    idm_pair_seconds: float | None = None
+    """`auto`: one IDM actor's seconds per pair; None = the last run's in this output (summary.json
+    `stages.idm`, the StageClock's seconds inside the model per pair), else unknown: Ray's default this run."""
+    headroom: float = 1.5
+    """`auto`: decode capacity over the IDM's need, for videos that cost more than the sample and reads that
+    wait on storage."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.concurrency, str) and self.concurrency != "auto":
+            raise ConfigError(f"bad value for config key 'decode.concurrency': {self.concurrency!r}; use a number "
+                              "of tasks, 0 for Ray's default, or auto")
+
+
+@dataclass
 class AnnotateConfig:
     """`jobs/annotate.py`: videos → IDM-labelled, recognition-weighted, stratified triplets (Parquet)."""
 
@@ -963,8 +1050,10 @@ class AnnotateConfig:
     world_model: WorldModelConfig = field(default_factory=lambda: WorldModelConfig(model=TOY))
     """Only its encoder is used, for recognition weights: the base checkpoint's (frozen) encoder."""
     recognition: RecognitionConfig = field(default_factory=RecognitionConfig)
+    """Maps stored with each triplet (`weights`), which a weighted world-model run then uses as stored; with
+    `enabled` false the recognition stage does not run and no map is stored (a weighted run computes its own)."""
     filter: FilterConfig = field(default_factory=FilterConfig)
-    decode: StageResources = field(default_factory=lambda: StageResources(concurrency=0, num_cpus=0.5))
+    decode: DecodeResources = field(default_factory=lambda: DecodeResources(concurrency=0, num_cpus=0.5))
     """CPU tasks, one video each. Fractional CPUs so decode tasks run beside the actors on small machines."""
     idm_stage: StageResources = field(default_factory=lambda: StageResources(concurrency=1, batch_size=32))
     recognition_stage: StageResources = field(default_factory=lambda: StageResources(
@@ -1106,6 +1195,11 @@ class JudgeConfig:
     """Answers cached by a hash of (model, prompt, images): re-running an evaluation costs nothing."""
 
 
+AURORA_JUDGED_TASKS = ("magicbrush", "ag", "something", "whatsup", "kubric")
+"""AURORA-Bench's `task` names of the paper's five judged subsets (MagicBrush, Action-Genome, Something-Something,
+WhatsUp, Kubric): the ones with a reference frame. Its other three (clevr, emu, epic) have none."""
+
+
 @dataclass
 class EvaluateConfig:
     """`jobs/evaluate.py`: AURORA-format benchmark → predictions (best-of-N) → metrics, judge, report."""
@@ -1114,6 +1208,10 @@ class EvaluateConfig:
     """AURORA-format JSON (local or s3://): a list of {input, output?, prompt | instruction, task, ...}."""
     tasks: list[str] = field(default_factory=list)
     """Only these tasks (empty = all)."""
+    headline_tasks: list[str] = field(default_factory=lambda: list(AURORA_JUDGED_TASKS))
+    """The headline score is the primary metric (the LLM judge's min(edit success, minimal edit)) averaged over
+    these tasks, each task's mean weighing alike, as the paper reports AURORA-Bench: its five judged subsets.
+    Empty = every task in the bench (the toy configs). The mean over all items stays in the report as "all tasks"."""
     max_items: int | None = None
     world_model: WorldModelConfig = field(default_factory=WorldModelConfig)
     idm: IDMConfig = field(default_factory=IDMConfig)
@@ -1160,6 +1258,19 @@ class EvaluateIDMConfig:
     """Pairs per `label` call."""
     toy_judge: bool = True
     """Also score `explains` with the toy world's exact parser (turn off for real benchmarks)."""
+    text_metrics: bool = True
+    """Score each action against its reference text as the paper scores its IDM: corpus BLEU (sacrebleu's
+    defaults, on a 0–1 scale), ROUGE-1 and ROUGE-L F1 (rouge-score, Porter stemming) and, with `bertscore_model`,
+    BERTScore F1 (bert-score), beside `exact`. Bench only: annotation's triplets have no reference."""
+    bertscore_model: str | None = None
+    """BERTScore's encoder by Hugging Face id or local / s3:// path (bert-score's English default is
+    `roberta-large`, as the real profiles set); None = no BERTScore."""
+    bertscore_layers: int | None = None
+    """The encoder layer whose features are matched; None = bert-score's tuned layer for a model it knows (17 for
+    roberta-large), else the model's last layer."""
+    bertscore_rescale: bool = False
+    """Rescale with bert-score's English baseline for `bertscore_model` (shipped for its known models), which spreads
+    the raw scores (0.8–1 for most English pairs) over about 0–1; the real profiles set it."""
     toy: ToyWorldConfig = field(default_factory=ToyWorldConfig)
     output: str = f"{DEFAULT_OUTPUT_ROOT}/eval_idm"
     """Local directory or s3:// prefix: results.json (rates overall and per task) and rows.jsonl."""

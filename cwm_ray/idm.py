@@ -122,7 +122,8 @@ class InverseDynamicsModel:
             path = storage.local_dir(cfg.model)
             try:
                 model = AutoModelForImageTextToText.from_pretrained(
-                    path, dtype=dtype, use_safetensors=True, trust_remote_code=cfg.trust_remote_code
+                    path, dtype=dtype, use_safetensors=True, trust_remote_code=cfg.trust_remote_code,
+                    **({"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}),
                 )
             except ValueError as exc:
                 if "Unrecognized configuration class" not in str(exc):
@@ -188,6 +189,12 @@ class InverseDynamicsModel:
         if len(sources) != len(targets):
             raise ValueError(f"{len(sources)} sources but {len(targets)} targets")
         src, tgt = self._frames(sources), self._frames(targets)
+        # A pair the IDM trains on shares one size (two frames of a clip, an AURORA pair), but the verifier gets a
+        # world model's candidate at the model's own square (InstructPix2Pix's 256 px, Janus's 384) beside a
+        # native-aspect source; with a dynamic-resolution processor (Qwen2-VL) the two would even become different
+        # token grids. So a target is brought to its source's size, and verification sees what training saw.
+        tgt = [t if t.size == s.size else t.resize(s.size, Image.Resampling.BICUBIC) for s, t in zip(src, tgt,
+                                                                                                   strict=True)]
         images = [[s] for s in src] if self.tubelet else [[s, t] for s, t in zip(src, tgt, strict=True)]
         enc = self.processor(
             text=[self.prompt] * len(images), images=images, return_tensors="pt", padding=True, padding_side="left"
@@ -259,6 +266,7 @@ class InverseDynamicsModel:
             out = self.model.generate(
                 **inputs, **sampling, max_new_tokens=self.cfg.max_new_tokens, return_dict_in_generate=True,
                 output_logits=True, eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
+                **({"cache_implementation": self.cfg.cache_implementation} if self.cfg.cache_implementation else {}),
             )
             token_logprobs = self.model.compute_transition_scores(out.sequences, out.logits, normalize_logits=True)
         generated = out.sequences[:, p:]

@@ -9,13 +9,14 @@ floor, so unchanged positions still count and the model keeps learning to copy t
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from cwm_ray.config import RecognitionConfig, WorldModelConfig
-from cwm_ray.schema import decode_image, weights_to_bytes
+from cwm_ray.schema import decode_image, weights_from_bytes, weights_to_bytes
 
 if TYPE_CHECKING:
     from cwm_ray.world_model import WorldModel
@@ -39,6 +40,38 @@ def recognition_weights(source_features: torch.Tensor, target_features: torch.Te
     changed = mean > 1e-12
     w = floor + (1.0 - floor) * d / torch.where(changed, mean, torch.ones_like(mean))
     return torch.where(changed, w, torch.ones_like(w))
+
+
+def stored_weights(batch: dict[str, Any]) -> list[np.ndarray | None]:
+    """Each row's map as the annotation job stored it (`weights`, `weights_shape`), None where a row has none: gold
+    rows, and every row of a batch without the columns."""
+    n = len(batch["source"])
+    if batch.get("weights") is None:
+        return [None] * n
+    return [None if b is None or s is None else weights_from_bytes(b, s)
+            for b, s in zip(batch["weights"], batch["weights_shape"], strict=True)]
+
+
+def batch_weights(stored: Sequence[np.ndarray | None], grid: Sequence[int],
+                  compute: Callable[[list[int]], torch.Tensor]) -> torch.Tensor:
+    """(B, *grid) weights: the stored maps (area-averaged onto `grid` when annotation's grid differs, which keeps
+    the mean), and `compute(rows)` for the rows without one (the world model's own encoder, as annotation did).
+
+    Why: a map is computed once, when annotation has the encoder loaded anyway, and used as stored; only gold rows
+    cost an encoder pass at training time.
+    """
+    missing = [i for i, m in enumerate(stored) if m is None]
+    computed = dict(zip(missing, compute(missing), strict=True)) if missing else {}
+    out = []
+    for i, m in enumerate(stored):
+        if m is None:
+            out.append(computed[i].float().cpu())
+            continue
+        w = torch.from_numpy(m).float()[None, None]
+        if tuple(w.shape[-2:]) != tuple(grid):
+            w = torch.nn.functional.interpolate(w, size=tuple(grid), mode="area")
+        out.append(w[0, 0])
+    return torch.stack(out)
 
 
 def fade_to_uniform(weights: torch.Tensor, cfg: RecognitionConfig, step: int, max_steps: int) -> torch.Tensor:

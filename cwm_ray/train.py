@@ -15,9 +15,11 @@ would have had (same data order, same random draws; `test_train.py::test_ddp_res
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import random
 import tempfile
@@ -35,8 +37,8 @@ from ray.train.torch import TorchTrainer
 from transformers import get_scheduler
 
 from cwm_ray import storage
-from cwm_ray.config import TrainIDMConfig, TrainWorldModelConfig
-from cwm_ray.data import LOAD_TASK_CPUS, training_datasets
+from cwm_ray.config import TrainIDMConfig, TrainWorldModelConfig, accumulation_steps
+from cwm_ray.data import LOAD_TASK_CPUS, training_sets
 from cwm_ray.recognition import fade_to_uniform
 
 TrainConfig = TrainIDMConfig | TrainWorldModelConfig
@@ -80,6 +82,18 @@ def model_info(cfg: TrainConfig) -> dict[str, Any]:
     layout["lora"] = {"r": m.lora.r, "target_modules": sorted(m.lora.target_modules)} if m.lora.enabled else None
     fingerprint = hashlib.sha256(json.dumps(layout, sort_keys=True).encode()).hexdigest()[:16]
     return {"kind": kind, "backend": backend, "fingerprint": fingerprint, "layout": layout}
+
+
+def recipe(cfg: TrainConfig) -> dict[str, Any]:
+    """What a resumed run must not change under its checkpoints: the world model's loss (recognition weighting).
+
+    Why: the weighted and unweighted world models are the paper's ablation rows (b) and (c), one flag apart
+    (`recognition.enabled`); a run of one resumed under the other's `train.name` would silently be neither.
+    """
+    if isinstance(cfg, TrainIDMConfig):
+        return {}
+    r = cfg.recognition
+    return {"recognition": {"enabled": r.enabled, "floor": r.floor, "uniform_by": r.uniform_by}}
 
 
 def kind_name(info: dict[str, Any]) -> str:
@@ -139,10 +153,16 @@ def check_run_kind(cfg: TrainConfig, info: dict[str, Any]) -> None:
             continue
         checkpoint = storage.join(run_dir, parts[0])
         try:
-            saved = storage.read_json(state_file).get("model") or stored_model_info(storage.join(checkpoint,
-                                                                                                 MODEL_DIR))
+            saved_state = storage.read_json(state_file)
+            saved = saved_state.get("model") or stored_model_info(storage.join(checkpoint, MODEL_DIR))
         except ValueError:
             continue  # a corrupt checkpoint: `verify_checkpoint` refuses it with its own message
+        if saved_state.get("recipe", recipe(cfg)) != recipe(cfg):
+            raise ValueError(
+                f"run directory {run_dir} holds a checkpoint ({checkpoint}) trained with {saved_state['recipe']}, "
+                f"but this job asks for {recipe(cfg)}: a resume would mix the two. Give this variant its own "
+                f"train.name=<name> and train.export=<directory>, or delete {run_dir} to start this one over."
+            )
         if not saved or saved.get("kind") == "unknown":
             continue
         if _same_kind(saved, info) and saved.get("fingerprint", info["fingerprint"]) == info["fingerprint"]:
@@ -175,7 +195,7 @@ def _seed_everything(seed: int) -> None:
 def _deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
     return {
         "train_micro_batch_size_per_gpu": cfg.optim.batch_size,
-        "gradient_accumulation_steps": 1,
+        "gradient_accumulation_steps": accumulation_steps(cfg.optim, cfg.scaling),
         "gradient_clipping": cfg.deepspeed.gradient_clipping,
         "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
         "bf16": {"enabled": bool(cfg.deepspeed.bf16 and cfg.scaling.use_gpu)},
@@ -198,22 +218,39 @@ class _Engine:
     """`deepspeed.bf16_cpu` on a CPU run: the forward pass (training and validation) in bf16 autocast."""
     clip: float = 0.0
     """Gradient-norm clipping for the DDP path (DeepSpeed clips by its own config)."""
+    accumulation: int = 1
+    """Micro-batches per optimizer step (`accumulation_steps`); DeepSpeed is told it in its config."""
+    micro: int = 0
+    """Micro-batches stepped so far by the DDP path (DeepSpeed counts its own)."""
 
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast_cpu):
             return self.module(**batch)
 
-    def step(self, loss: torch.Tensor) -> None:
+    def step(self, loss: torch.Tensor) -> bool:
+        """Backward of one micro-batch's mean loss; the optimizer (and the LR schedule) steps after every
+        `accumulation`-th. Returns whether it stepped. The gradient of an accumulated step is the mean over its
+        micro-batches: the gradient of one batch `accumulation` times the size, as a larger worker count gives."""
         if self.deepspeed:
-            self.module.backward(loss)
-            self.module.step()  # also steps the LR scheduler
-            return
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+            boundary = self.module.is_gradient_accumulation_boundary()
+            self.module.backward(loss)  # scaled by 1 / gradient_accumulation_steps
+            self.module.step()  # the optimizer, the LR schedule and clipping only at the boundary
+            return boundary
+        self.micro += 1
+        boundary = self.micro % self.accumulation == 0
+        if self.micro % self.accumulation == 1 or self.accumulation == 1:
+            self.optimizer.zero_grad(set_to_none=True)
+        # DDP all-reduces gradients on every backward unless told not to: only the window's last one syncs.
+        no_sync = getattr(self.module, "no_sync", None)
+        with contextlib.nullcontext() if boundary or no_sync is None else no_sync():
+            (loss / self.accumulation).backward()
+        if not boundary:
+            return False
         if self.clip > 0:
             torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.clip)
         self.optimizer.step()
         self.scheduler.step()
+        return True
 
     def save(self, directory: str) -> None:
         if self.deepspeed:
@@ -304,12 +341,14 @@ def _make_engine(cfg: TrainConfig, module: torch.nn.Module, device: torch.device
             model=module, optimizer=optimizer, lr_scheduler=scheduler, config=_deepspeed_config(cfg),
             dist_init_required=False,
         )
-        return _Engine(engine, optimizer, scheduler, True, autocast_cpu)
+        return _Engine(engine, optimizer, scheduler, True, autocast_cpu,
+                       accumulation=accumulation_steps(cfg.optim, cfg.scaling))
     # Some weights of a pretrained model may take no part in the loss (LLaVA never uses its vision tower's
     # post_layernorm); DDP must be told, as transformers' Trainer does by default (ddp_find_unused_parameters).
     module = ray.train.torch.prepare_model(module, move_to_device=device,
                                            parallel_strategy_kwargs={"find_unused_parameters": True})
-    return _Engine(module, optimizer, scheduler, False, autocast_cpu, cfg.deepspeed.gradient_clipping)
+    return _Engine(module, optimizer, scheduler, False, autocast_cpu, cfg.deepspeed.gradient_clipping,
+                   accumulation=accumulation_steps(cfg.optim, cfg.scaling))
 
 
 def _unwrap(module: Any) -> torch.nn.Module:
@@ -435,7 +474,8 @@ def train_func(config: dict[str, Any]) -> None:
     engine = _make_engine(cfg, module, device)
 
     # restore
-    state: dict[str, Any] = {"step": 0, "history": [], "resumed_from": [], "model": model_info(cfg)}
+    state: dict[str, Any] = {"step": 0, "history": [], "resumed_from": [], "model": model_info(cfg),
+                             "recipe": recipe(cfg)}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
@@ -454,7 +494,7 @@ def train_func(config: dict[str, Any]) -> None:
     # loop
     shard = ray.train.get_dataset_shard("train")
     recognition = getattr(cfg, "recognition", None)  # world models only
-    t_last, samples_since, loss_sum, loss_n = time.perf_counter(), 0, 0.0, 0
+    t_last, samples_since, loss_sum, loss_n, step_rows = time.perf_counter(), 0, 0.0, 0, 0
     # Where the checkpoint was in its epoch: the resumed run replays that epoch's order (same shuffle seed,
     # `preserve_order` ingest) and skips the batches it had already trained on. Ray Data's iterators keep no
     # position, so the skipped batches are read again, once.
@@ -483,14 +523,20 @@ def train_func(config: dict[str, Any]) -> None:
             loss = engine.loss(_to_device(collated, device))
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss.item()} at step {step}")
-            engine.step(loss)
-            step += 1
+            stepped = engine.step(loss)
             samples_since += len(batch["action"]) * world
-            loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
+            loss_sum, loss_n, step_rows = loss_sum + loss.item(), loss_n + 1, step_rows + len(batch["action"])
+            if not stepped:  # gradient accumulation: the optimizer steps after the window's last micro-batch
+                continue
+            step += 1
+            # Rows behind this optimizer step, over all workers (each worker's micro-batches are alike in size).
+            samples_per_step, step_rows = step_rows * world, 0
             last = step >= cfg.optim.max_steps
             if _every(step, cfg.train.log_every) or last:
                 now = time.perf_counter()
                 metrics: dict[str, Any] = {"step": step, "epoch": epoch, "loss": loss_sum / loss_n,
+                                           "lr": float(engine.scheduler.get_last_lr()[0]),
+                                           "samples_per_step": samples_per_step,
                                            "samples_per_s": samples_since / (now - t_last)}
                 t_last, samples_since, loss_sum, loss_n = now, 0, 0.0, 0
                 if _every(step, cfg.train.eval_every) or last:
@@ -521,6 +567,29 @@ def _run_config(cfg: TrainConfig) -> RunConfig:
         worker_runtime_env={"env_vars": {k: v for k, v in os.environ.items()
                                          if k.startswith(("AWS_", "HF_", "CWM_RAY_"))}},
     )
+
+
+def global_batch_size(cfg: TrainConfig) -> int:
+    """Rows per optimizer step over all workers: `optim.global_batch_size`, or workers × micro-batch without it."""
+    return cfg.scaling.num_workers * cfg.optim.batch_size * accumulation_steps(cfg.optim, cfg.scaling)
+
+
+def resolve_steps(cfg: TrainConfig, train_rows: int) -> TrainConfig:
+    """The config with `optim.max_steps` = ceil(epochs × train_rows / global batch) when `optim.epochs` is set.
+
+    Why in the driver: the step count decides the LR schedule (warm-up, cosine to 0 at max_steps), which every
+    worker builds before its first batch, and a resume must finish at the same step; so it is fixed once from the
+    data's size, and the resolved config (max_steps, epochs null) is what the workers and the checkpoints see.
+    """
+    if cfg.optim.epochs is None:
+        return cfg
+    batch = global_batch_size(cfg)
+    steps = max(1, math.ceil(cfg.optim.epochs * train_rows / batch))
+    accumulation = accumulation_steps(cfg.optim, cfg.scaling)
+    print(f"[train] schedule: {cfg.optim.epochs:g} epochs x {train_rows} rows / global batch {batch} "
+          f"({cfg.scaling.num_workers} workers x {cfg.optim.batch_size} x {accumulation} accumulated) = {steps} "
+          f"steps", flush=True)
+    return dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, epochs=None, max_steps=steps))
 
 
 def _every(step: int, n: int) -> bool:
@@ -566,8 +635,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if started_here:
         ray.init(runtime_env={"env_vars": {"RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}})
     _check_data_cpus(cfg, fixed_cluster=started_here)
-    train_ds, val_ds = training_datasets(cfg.data, cfg.storage)
-    datasets = {"train": train_ds} | ({"val": val_ds} if val_ds is not None else {})
+    sets = training_sets(cfg.data, cfg.storage)
+    epochs = cfg.optim.epochs
+    cfg = resolve_steps(cfg, sets.train_rows)
+    datasets = {"train": sets.train} | ({"val": sets.val} if sets.val is not None else {})
     resources = {"CPU": cfg.scaling.cpus_per_worker}
     if cfg.scaling.use_gpu:
         resources["GPU"] = cfg.scaling.gpus_per_worker
@@ -601,7 +672,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
             shutil.rmtree(export, ignore_errors=True)
             shutil.copytree(Path(d, MODEL_DIR), export)
-    summary = {"name": cfg.train.name, "steps": state["step"], "metrics": state["history"][-1],
+    summary = {"name": cfg.train.name, "steps": state["step"], "epochs": epochs, "train_rows": sets.train_rows,
+               "global_batch_size": global_batch_size(cfg), "metrics": state["history"][-1],
                "history": state["history"], "resumed_from": state["resumed_from"],
                "checkpoint": result.checkpoint.path, "export": cfg.train.export, "seconds": round(seconds, 1)}
     print(f"[train] done: {json.dumps(summary, default=str)}", flush=True)

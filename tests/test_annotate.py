@@ -7,6 +7,7 @@ exactly-once after a crash, a killed IDM actor, manifests, tar shards and S3 in 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -24,7 +25,16 @@ import pytest
 import ray
 
 from cwm_ray import storage
-from cwm_ray.annotate import INDEX_COLUMNS, RAY_DATA_STATS, annotate, finished_videos, list_videos, read_staging
+from cwm_ray.annotate import (
+    INDEX_COLUMNS,
+    RAY_DATA_STATS,
+    annotate,
+    decode_tasks,
+    finished_videos,
+    list_videos,
+    read_staging,
+    size_decode_pool,
+)
 from cwm_ray.config import AnnotateConfig, StageResources, ToyCorpusConfig, ToyWorldConfig, load
 from cwm_ray.data import actor_stage, read_aurora
 from cwm_ray.idm import build_toy_idm
@@ -89,7 +99,8 @@ def _table(path: Path | str) -> list[dict]:
 @pytest.fixture(scope="module")
 def first_run(ray_local: None, assets: dict[str, Path]) -> tuple[dict, Path]:
     out = assets["root"] / "out"
-    return annotate(_cfg(assets, str(out))), out
+    # The decode pool sized from measured costs (decode: on the first videos; the IDM's: given).
+    return annotate(_cfg(assets, str(out), None, "decode.concurrency=auto", "decode.idm_pair_seconds=0.01")), out
 
 
 def test_lists_directories_tar_shards_and_globs(assets: dict[str, Path]) -> None:
@@ -141,6 +152,32 @@ def test_summary_times_each_model_stage_and_ray_datas_stats_are_kept(first_run: 
     assert summary["stages"]["idm"]["calls"] <= math.ceil(rows / 8), (summary["stages"]["idm"], rows)
     stats = (out / RAY_DATA_STATS).read_text()
     assert "IDMLabeler" in stats and "RecognitionStage" in stats
+    pool = summary["decode_pool"]  # decode.concurrency=auto: the pool the pipeline ran with, and why
+    assert pool["from"] == {"decode": "measured", "idm": "config"} and pool["idm_pair_seconds"] == 0.01
+    assert pool["tasks"] == decode_tasks(pool["decode_pair_seconds"], 0.01, 1, 1.5) >= 1
+
+
+def test_the_decode_pool_is_sized_from_the_measured_costs(assets: dict[str, Path], tmp_path: Path) -> None:
+    """decode.concurrency=auto (issue 32): tasks = ceil(headroom x IDM actors x decode s per pair / IDM s per
+    pair), with the decode cost measured on the first videos and the IDM's from config or the last run's
+    StageClock (summary.json), so the pool follows the costs instead of a constant."""
+    assert decode_tasks(0.040, 0.064, 8, 1.5) == 8  # issue 32's H200 IDM with this session's decode cost
+    assert decode_tasks(0.080, 0.064, 8, 1.5) == 15 == decode_tasks(0.040, 0.032, 8, 1.5)
+    assert decode_tasks(0.424, 0.064, 1, 1.5) == 10 and decode_tasks(0.001, 1.0, 1, 1.5) == 1
+
+    out = tmp_path / "out"
+    cfg = _cfg(assets, str(out), None, "decode.concurrency=auto", "idm_stage.concurrency=2")
+    todo = list_videos(cfg)
+    assert size_decode_pool(cfg, todo)[0] == 0  # no IDM cost known: Ray's default, and said so
+    out.mkdir()
+    (out / "summary.json").write_text(json.dumps({"stages": {"idm": {"model_seconds": 3.0, "pairs": 100}}}))
+    tasks, info = size_decode_pool(cfg, todo)  # the last run's StageClock: 30 ms a pair
+    assert info["from"] == {"decode": "measured", "idm": "last run"} and info["idm_pair_seconds"] == 0.03
+    assert 0 < info["decode_pair_seconds"] < 5 and tasks == decode_tasks(info["decode_pair_seconds"], 0.03, 2, 1.5)
+    slower = dataclasses.replace(cfg, decode=dataclasses.replace(cfg.decode, pair_seconds=0.3, idm_pair_seconds=0.01))
+    assert size_decode_pool(slower, todo)[0] == 90  # 1.5 x 2 x 0.3 / 0.01
+    fixed = dataclasses.replace(cfg, decode=dataclasses.replace(cfg.decode, concurrency=7))
+    assert size_decode_pool(fixed, todo)[0] == 7
 
 
 def test_model_stage_pools_are_fixed_and_prefetch_as_configured() -> None:
@@ -339,3 +376,20 @@ def test_a_transient_read_failure_is_retried_never_dropped(ray_local: None, asse
     assert again["videos_skipped"] == 2 and again["transient_errors"] == again["errors"] == 0
     assert _table(out / "errors" / "errors.parquet") == []
     assert sorted(p["id"] for p in _table(out / "pairs")) == expected  # every good video's pairs, exactly once
+
+
+def test_the_decode_stage_counts_each_videos_shot_cuts(assets: dict[str, Path], tmp_path: Path) -> None:
+    """Every row of a video carries its cut count (`video_cuts`), which finalize sums into summary.json's
+    `shot_cuts`: the motion peaks dropped because they were cuts (tests/test_finalize.py checks the sum)."""
+    import pyarrow as pa
+    from test_video import _shot
+
+    from cwm_ray.annotate import extract_pairs
+
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(encode_mp4(_shot(1, 40, 32, (255, 255, 255)) + _shot(2, 40, 0, (0, 0, 0)), fps=10))
+    toy = sorted((assets["corpus"] / "videos").glob("*.mp4"))[0]
+    rows = extract_pairs(pa.table({"video_uri": [str(cut), str(toy)], "dataset": ["d", "d"]}),
+                         _cfg(assets, "unused")).to_pylist()
+    cuts = {(Path(r["video_uri"]).name, r["video_cuts"]) for r in rows}
+    assert cuts == {("cut.mp4", 1), (toy.name, 0)} and all(r["error_type"] is None for r in rows)

@@ -18,13 +18,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
 
-def test_the_real_size_plan_covers_p1_to_p4_for_both_families_with_their_profiles() -> None:
+def test_the_real_size_plan_covers_p1_to_p4_and_the_idm_for_both_families_with_their_profiles() -> None:
     import real_size
 
     args = dict(real_size.DEFAULTS)
     models = {"idm": "/m/idm", "instruct_pix2pix": "/m/ip2p", "janus": "/m/janus"}
     runs = real_size.commands(args, models)
-    assert {b for b, _, _ in runs} == {"P1", "P2", "P3", "P4"}
+    assert {b for b, _, _ in runs} == {"P1", "P2", "P3", "P4", "IDM"}
     for bench, env, argv in runs:
         assert env["BENCH_DEVICE"] == "cuda" and env["BENCH_IDM"] == "/m/idm"
         assert (REPO / argv[0]).exists(), argv[0]

@@ -242,6 +242,40 @@ def test_judge_needs_a_key_for_the_default_endpoint() -> None:
         LLMJudge(JudgeConfig(enabled=True, api_key_env="CWM_TEST_NO_SUCH_KEY"))
 
 
+def test_the_headline_is_the_mean_over_the_five_judged_subsets(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture) -> None:
+    """AURORA-Bench's eight tasks, judged: the headline averages the five judged subsets' own means (the paper's
+    table), each subset printed and in the report; the all-item mean stays beside it, not as the headline."""
+    from cwm_ray.config import AURORA_JUDGED_TASKS
+    from cwm_ray.evaluate.pipeline import print_table, summarise
+    from cwm_ray.evaluate.report import render
+
+    assert AURORA_JUDGED_TASKS == ("magicbrush", "ag", "something", "whatsup", "kubric")  # AURORA-Bench's names
+    scores = {"magicbrush": 4.0, "ag": 3.0, "something": 2.0, "whatsup": 1.0, "kubric": 7.0, "clevr": 9.0,
+              "emu": 9.0, "epic": 9.0}
+    counts = {"magicbrush": 3, "kubric": 1}  # unequal subset sizes: subsets weigh alike, items do not
+    rows = [{"system": "world_model", "best_of": 1, "id": f"{t}{k}", "task": t, "judge_score": v + (k % 2) / 2,
+             "l1": 0.1} for t, v in scores.items() for k in range(counts.get(t, 2))]
+    summary = summarise(rows, EvaluateConfig().headline_tasks)
+    per_task = {r["task"]: r["judge_score"] for r in summary["per_task"]}
+    (row,) = summary["headline"]["rows"]
+    assert summary["headline"]["metric"] == "judge_score" and summary["headline"]["missing"] == []
+    assert row["tasks"] == {t: per_task[t] for t in AURORA_JUDGED_TASKS}
+    assert row["mean"] == pytest.approx(sum(per_task[t] for t in AURORA_JUDGED_TASKS) / 5)
+    assert summary["overall"][0]["judge_score"] != pytest.approx(row["mean"])  # "overall": every item, all 8 tasks
+    print_table(summary)
+    printed = capsys.readouterr().out
+    assert all(t in printed for t in AURORA_JUDGED_TASKS) and f"{row['mean']:.3f}" in printed
+    # a run without a subset has no headline (a mean over four is another number), and says which is missing
+    partial = summarise([r for r in rows if r["task"] != "kubric"], AURORA_JUDGED_TASKS)["headline"]
+    assert partial["rows"][0]["mean"] is None and partial["missing"] == ["kubric"]
+    cfg = EvaluateConfig(output=str(tmp_path), report_examples=0)
+    render(cfg, [], [], rows, summary | {"bench": "b", "items": len(rows), "world_model": "w", "idm": "i"}, tmp_path)
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert "Headline" in page and all(f"<th>{t}</th>" in page for t in AURORA_JUDGED_TASKS)
+    assert page.index("Headline") < page.index("All tasks")
+
+
 # -- end to end ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
@@ -282,6 +316,7 @@ def test_evaluate_end_to_end_and_the_report_in_chromium(tmp_path: Path, tiny_mod
 
     labels = [r["label"] for r in summary["overall"]]
     assert labels == ["world_model (best of 1)", "world_model (best of 2)", "world_model (best of 4)", "copy"]
+    assert summary["headline"]["tasks"] == sorted({r["task"] for r in summary["per_task"]})  # the toy: every task
     assert summary["judge_status"] == {"ok": 4 * 6}
     copy = summary["overall"][-1]
     assert copy["toy_score"] == 0.0 and copy["l1"] < summary["overall"][0]["l1"]  # copying wins L1, loses the judge

@@ -59,6 +59,39 @@ def test_score_counts_exact_text_and_every_action_that_explains_the_frames() -> 
 
 
 @pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> str:
+    from cwm_ray.tiny.text import build_tiny_bert
+
+    return build_tiny_bert(str(tmp_path_factory.mktemp("bert")))
+
+
+def test_the_papers_text_metrics_score_each_action_against_its_reference(tiny_bert: str) -> None:
+    """BLEU (sacrebleu, corpus, 0–1), ROUGE-1 / ROUGE-L F1 (rouge-score) and BERTScore F1 (bert-score, a tiny random
+    BERT by path), beside exact match; rows without a reference get none."""
+    import sacrebleu
+
+    from cwm_ray.evaluate.idm import bert_scorer, text_metrics
+
+    actions = [TRUE, "move the red circle right", "remove the blue square", "", TRUE]
+    refs: list[str | None] = [TRUE, TRUE, "put the green cross above the red circle", TRUE, None]
+    rows = score([f"r{i}" for i in range(5)], ["move"] * 5, [b""] * 5, [b""] * 5, actions, refs, None)
+    text_metrics(rows, bert_scorer(EvaluateIDMConfig(bertscore_model=tiny_bert)))
+    assert rows[2].rouge1 == pytest.approx(1 / 6)  # one shared word ("the"): precision 1/4, recall 1/8
+    assert rows[0].rouge1 == rows[0].rougeL == 1.0 and rows[1].rouge1 == rows[1].rougeL == pytest.approx(0.8)
+    assert rows[3].rouge1 == 0.0 and rows[4].rouge1 is None and rows[4].bertscore is None
+    assert rows[0].bertscore == pytest.approx(1.0, abs=1e-5)  # the same words: every token matches itself
+    assert rows[2].bertscore < rows[1].bertscore < rows[0].bertscore and rows[3].bertscore == 0.0
+    summary = summarise(rows, text=True)
+    expected_bleu = sacrebleu.corpus_bleu(actions[:4], [[r for r in refs[:4] if r]]).score / 100
+    assert summary["bleu"] == pytest.approx(expected_bleu) and 0 < summary["bleu"] < 1
+    assert summarise(rows[:1], text=True)["bleu"] == pytest.approx(1.0)  # 0–1, the paper's scale
+    assert summary["rouge1"] == pytest.approx(np.mean([r.rouge1 for r in rows[:4]]))
+    assert summary["per_task"]["move"]["bertscore"] == pytest.approx(np.mean([r.bertscore for r in rows[:4]]))
+    with pytest.raises(ValueError, match="no English baseline"):
+        bert_scorer(EvaluateIDMConfig(bertscore_model=tiny_bert, bertscore_rescale=True))
+
+
+@pytest.fixture(scope="module")
 def toy_set(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("evidm")
     make_corpus(ToyCorpusConfig(output=str(root / "corpus"), num_videos=1, actions_per_video=1, num_train=2,
@@ -67,13 +100,15 @@ def toy_set(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"root": root, "bench": root / "corpus" / "gold" / "test.json", "idm": root / "idm"}
 
 
-def test_bench_rows_are_the_idms_own_labels(toy_set: dict[str, Path]) -> None:
+def test_bench_rows_are_the_idms_own_labels(toy_set: dict[str, Path], tiny_bert: str) -> None:
     out = toy_set["root"] / "out"
     cfg = EvaluateIDMConfig(bench=str(toy_set["bench"]), idm=IDMConfig(model=str(toy_set["idm"]), device="cpu"),
-                            batch_size=4, output=str(out))
+                            batch_size=4, output=str(out), bertscore_model=tiny_bert)
     summary = evaluate_idm(cfg)
     saved = json.loads((out / "results.json").read_text())
     assert saved["items"] == summary["items"] == 6
+    for key in ("bleu", "rouge1", "rougeL", "bertscore"):  # the paper's metrics, overall and per task
+        assert 0.0 <= saved[key] <= 1.0 + 1e-6 and all(key in t for t in saved["per_task"].values())
     assert sum(t["items"] for t in saved["per_task"].values()) == 6
     rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
     items = json.loads(toy_set["bench"].read_text())

@@ -36,6 +36,7 @@ def _video_rows(rng: random.Random, uri: str, dataset: str, png: bytes) -> list[
     n = rng.randrange(1, 5)
     return [{"id": pair_id(uri, 2 * k, 2 * k + 1), "dataset": dataset, "video_uri": uri, "src_index": 2 * k,
              "tgt_index": 2 * k + 1, "source": png, "target": png, "width": 8, "height": 8, "video_pairs": n,
+             "video_cuts": n % 3,
              "action": f"{rng.choice(CLASSES)} the cup", "action_class": rng.choice(CLASSES),
              "logprob": -rng.randrange(0, 8) / 4, "num_tokens": rng.randrange(1, 4)} for k in range(n)]
 
@@ -121,6 +122,8 @@ def test_finalize_equals_the_row_by_row_reference(ray_local: None, tmp_path: Pat
                for i in items)
     assert summary["pairs"] == len(pair_ids) and summary["triplets"] == len(kept)
     assert summary["videos_done"] == len(_finished_reference(index))
+    cuts = {r["video_uri"]: r["video_cuts"] for r in index.to_pylist() if r["video_uri"] in _finished_reference(index)}
+    assert summary["shot_cuts"] == sum(c or 0 for c in cuts.values()) > 0  # each finished video's cuts, once
     assert sum(c["triplets"] for c in summary["corpora"].values()) == len(kept)
     assert sum(sum(c["classes"].values()) for c in summary["corpora"].values()) == len(kept)
     assert not (tmp_path / "_selection").exists()
@@ -134,3 +137,41 @@ def test_finalize_of_nothing_but_errors(ray_local: None, tmp_path: Path) -> None
     summary = finalize(cfg, *read_staging(cfg, INDEX_COLUMNS))
     assert summary["pairs"] == summary["triplets"] == 0 and summary["errors"] == summary["transient_errors"] == 1
     assert summary["error_types"] == {"NotAVideo": 1} and summary["corpora"] == {}
+
+
+def test_three_corpora_get_three_budgets_and_train_once_each(ray_local: None, tmp_path: Path) -> None:
+    """The paper's mix (issue 33): 7K triplets from *each* of three corpora, each kept triplet trained on once per
+    epoch beside the gold set (weight 1.0), with its stored recognition map."""
+    from cwm_ray.config import DataSection, DataSource
+    from cwm_ray.data import training_sets
+    from cwm_ray.schema import weights_to_bytes
+
+    rng = random.Random(0)
+    png = encode_image(np.full((8, 8, 3), 7, np.uint8))
+    wmap, shape = weights_to_bytes(np.full((2, 2), 1.0))
+    corpora = {"moments": 40, "ucf101": 40, "kinetics700": 3}  # videos; the last corpus has fewer pairs than its budget
+    rows = [r | {"weights": wmap, "weights_shape": shape} for name, n in corpora.items() for i in range(n)
+            for r in _video_rows(rng, f"s3://b/{name}/v{i:03d}.mp4", name, png)]
+    (tmp_path / "ann" / "staging").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=STAGING_SCHEMA), tmp_path / "ann" / "staging" / "r.parquet")
+    budget = 20
+    cfg = AnnotateConfig(output=str(tmp_path / "ann"), filter=FilterConfig(budget=budget), export_aurora=False)
+    summary = finalize(cfg, *read_staging(cfg, INDEX_COLUMNS))
+    pairs = {name: sum(r["dataset"] == name for r in rows) for name in corpora}
+    assert pairs["moments"] > budget and pairs["ucf101"] > budget and pairs["kinetics700"] < budget
+    assert {name: c["triplets"] for name, c in summary["corpora"].items()} == {
+        name: min(budget, n) for name, n in pairs.items()}  # one budget per corpus, not one for the mix
+
+    gold = tmp_path / "gold"
+    (gold / "images").mkdir(parents=True)
+    (gold / "images" / "a.png").write_bytes(png)
+    (gold / "train.json").write_text(json.dumps([{"input": "images/a.png", "output": "images/a.png",
+                                                  "instruction": f"act {k}", "id": f"g{k}"} for k in range(3)]))
+    sets = training_sets(DataSection(sources=[DataSource(uri=str(gold / "train.json")),
+                                              DataSource(uri=str(tmp_path / "ann" / "triplets"))], val_fraction=0))
+    train = sets.train.take_all()
+    ids = [r["id"] for r in train]
+    kept = pq.read_table(tmp_path / "ann" / "triplets").column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == sets.train_rows == 3 + len(kept) == 3 + summary["triplets"]
+    with_map = {r["id"] for r in train if r["weights"] is not None}
+    assert with_map == set(kept)  # the synthetic rows keep annotation's maps through the mix

@@ -16,6 +16,7 @@ Each family is a tiny random checkpoint of its real classes, processor, special 
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -110,6 +111,28 @@ def test_labels_and_scores_share_one_likelihood_after_a_short_fit(family: tuple[
     assert [lab.action for lab in labels] == ACTIONS
     rescored = idm.score_batch(sources, targets, ACTIONS)
     np.testing.assert_allclose([lab.logprob for lab in labels], rescored, atol=1e-4)
+    # The throughput path (issue 32): a static KV cache gives the same labels, and the label's log-likelihood,
+    # read from the generation's own logits, is still the teacher-forced score.
+    idm.cfg = dataclasses.replace(idm.cfg, cache_implementation="static")
+    static = idm.label(sources, targets)
+    assert [lab.action for lab in static] == ACTIONS
+    np.testing.assert_allclose([lab.logprob for lab in static], rescored, atol=1e-4)
+
+
+def test_label_runs_the_vision_tower_once_per_batch(family: tuple[str, str]) -> None:
+    """Issue 32: the images are encoded once, in the prefill; each decoding step reads the KV cache, never the
+    pixels again (a path that passed pixel_values every step would run the tower max_new_tokens times)."""
+    _, path = family
+    idm = InverseDynamicsModel.load(IDMConfig(model=path, max_new_tokens=4, cache_implementation="static"))
+    base = idm.model.model
+    tower = next(getattr(base, n) for n in ("vision_tower", "visual", "vision_model") if hasattr(base, n))
+    calls: list[int] = []
+    hook = tower.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        labels = idm.label(_frames(8, (224, 224), 3), _frames(9, (224, 224), 3))
+    finally:
+        hook.remove()
+    assert len(labels) == 3 and sum(lab.num_tokens for lab in labels) > 3 and calls == [1]
 
 
 def test_a_row_scores_the_same_alone_or_beside_frames_of_another_size(family: tuple[str, str]) -> None:
@@ -142,6 +165,24 @@ def test_a_lora_adapter_export_reloads_over_the_base_with_the_same_scores(family
     reloaded = InverseDynamicsModel.load(IDMConfig(model=path, adapter=str(tmp_path / "adapter")))
     np.testing.assert_allclose(reloaded.score_batch(sources, targets, ACTIONS), trained, rtol=1e-5, atol=1e-5)
     assert np.abs(trained - before).max() > 0.1  # the adapter is not a no-op
+
+
+def test_the_verifier_sees_a_candidate_at_its_sources_size_as_training_saw_pairs(family: tuple[str, str]) -> None:
+    """A world model's candidate is its own square (256 px for InstructPix2Pix); the source keeps its aspect, and
+    every pair the IDM trained on shared one size. The candidate is scored as if brought to the source's size, the
+    geometry of training, not as a square beside a 16:9 frame (two token grids for Qwen2-VL)."""
+    from PIL import Image
+
+    name, path = family
+    idm = InverseDynamicsModel.load(IDMConfig(model=path))
+    source = _frames(8, (320, 180), 1)[0]
+    square = Image.open(io.BytesIO(_frames(9, (320, 180), 1)[0])).resize((96, 96), Image.Resampling.BICUBIC)
+    as_trained = square.resize((320, 180), Image.Resampling.BICUBIC)
+    np.testing.assert_allclose(idm.score_batch([source], [encode_image(square)], ACTIONS[:1]),
+                               idm.score_batch([source], [encode_image(as_trained)], ACTIONS[:1]), rtol=1e-5)
+    inputs = idm._prompt_inputs([source], [encode_image(square)])
+    if "image_grid_thw" in inputs:  # Qwen2-VL / 2.5-VL: the two frames are one token grid, as in training
+        assert inputs["image_grid_thw"][0].tolist() == inputs["image_grid_thw"][1].tolist()
 
 
 # -- through the jobs' CLIs, with a real model profile ---------------------------------------------------------

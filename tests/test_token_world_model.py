@@ -403,6 +403,48 @@ def test_deepspeed_two_workers_checkpoint_and_resume(ray_local: None, tiny_dir: 
     assert len(out[0]) == 2 and out[0][0].size == (64, 64)
 
 
+def test_stored_recognition_maps_reach_the_loss_unchanged(ray_local: None, tiny_dir: str, tmp_path: Path) -> None:
+    """Annotation's maps are computed once and used: through a gold + triplets mix (`training_sets`), Ray Data's
+    batches and `collate`, a synthetic row's loss weights are its stored map exactly, and a gold row's the encoder's."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from cwm_ray.config import DataSection, DataSource
+    from cwm_ray.data import TRAIN_SCHEMA, training_sets
+    from cwm_ray.schema import weights_to_bytes
+    wm = _load(tiny_dir)
+    wm.module.eval()  # no conditioning dropout: the two losses below see the same inputs
+    src, tgt = _images(3, 0), _images(3, 1)
+    # maps no encoder would give (a ramp and a corner): what reaches the loss must be these
+    maps = [np.linspace(0.25, 1.75, 64).reshape(8, 8), np.where(np.eye(8) > 0, 4.0, 0.5)]
+    encoded = [weights_to_bytes(m) for m in maps]
+    (tmp_path / "triplets").mkdir()
+    pq.write_table(pa.table({"id": ["s0", "s1"], "source": src[:2], "target": tgt[:2], "action": ACTIONS[:2],
+                             "weights": [b for b, _ in encoded], "weights_shape": [sh for _, sh in encoded]},
+                            schema=TRAIN_SCHEMA), tmp_path / "triplets" / "part-0.parquet")
+    (tmp_path / "gold").mkdir()
+    (tmp_path / "gold" / "s.png").write_bytes(src[2])
+    (tmp_path / "gold" / "t.png").write_bytes(tgt[2])
+    (tmp_path / "gold" / "train.json").write_text(json.dumps([{"input": "s.png", "output": "t.png", "id": "g",
+                                                               "instruction": ACTIONS[2]}]))
+    sets = training_sets(DataSection(sources=[DataSource(uri=str(tmp_path / "gold" / "train.json")),
+                                              DataSource(uri=str(tmp_path / "triplets"))], val_fraction=0))
+    batch = next(iter(sets.train.iter_batches(batch_size=3, batch_format="numpy")))
+    collated = wm.collate(batch)
+    expected = {"s0": torch.from_numpy(maps[0].astype(np.float16).astype(np.float32)),
+                "s1": torch.from_numpy(maps[1].astype(np.float16).astype(np.float32)),
+                "g": recognition_weights(wm.encode_features([src[2]]), wm.encode_features([tgt[2]]), 0.1)[0]}
+    for i, row in enumerate(batch["id"]):
+        torch.testing.assert_close(collated["weights"][i], expected[str(row)], rtol=0, atol=1e-6 if row == "g" else 0)
+    # ... and the training module's loss is the weighted NLL under exactly those maps
+    weights = torch.stack([expected[str(row)] for row in batch["id"]])
+    inputs = {k: v for k, v in collated.items() if k != "weights"}
+    torch.testing.assert_close(wm.module(**collated), wm.loss(inputs, weights))
+    assert not torch.allclose(wm.module(**collated), wm.loss(inputs, None))
+
+
 def test_the_training_loop_fades_recognition_weights_to_uniform(ray_local: None, tiny_dir: str, tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """`recognition.uniform_by`: the weights the loss sees in training are the recognition maps at step 0 and all

@@ -115,6 +115,25 @@ def test_bad_training_config_is_rejected_before_ray_starts(tmp_path: Path) -> No
             train(load(TrainIDMConfig, None, [bad]))
 
 
+def test_a_resume_under_the_other_recognition_setting_is_refused(tmp_path: Path) -> None:
+    """The ablation's rows (b) and (c) are one flag apart: (c) run under (b)'s train.name would resume (b)'s
+    checkpoint and be neither, so the driver refuses, naming the way out."""
+    import json
+
+    from cwm_ray.train import STATE_FILE, check_run_kind, model_info, recipe
+
+    args = [f"train.storage_path={tmp_path}", "train.name=wm"]
+    unweighted = load(TrainWorldModelConfig, None, [*args, "recognition.enabled=false"])
+    weighted = load(TrainWorldModelConfig, None, [*args, "recognition.enabled=true"])
+    checkpoint = tmp_path / "wm" / "checkpoint_000000"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / STATE_FILE).write_text(json.dumps({"step": 4, "model": model_info(unweighted),
+                                                     "recipe": recipe(unweighted)}))
+    check_run_kind(unweighted, model_info(unweighted))  # the same recipe resumes
+    with pytest.raises(ValueError, match=r"trained with .*'enabled': False.*train\.name=<name> and train\.export"):
+        check_run_kind(weighted, model_info(weighted))
+
+
 def test_adamw_takes_the_configured_betas() -> None:
     import torch
 
@@ -141,14 +160,16 @@ def test_workers_that_leave_no_cpu_for_ray_data_are_refused(ray_local: None, cap
 
 def test_mixed_sources_with_weights(ray_local: None, gold: str) -> None:
     from cwm_ray.config import DataSection
-    from cwm_ray.data import training_datasets
+    from cwm_ray.data import training_datasets, training_sets
 
     section = DataSection(sources=[DataSource(uri=gold), DataSource(uri=gold, weight=2.0)], val_fraction=0.25)
     train_ds, val_ds = training_datasets(section)
     n_train, n_val = train_ds.count(), val_ds.count()
     assert n_val % 2 == 0 and n_train == 3 * (96 - n_val // 2)
+    assert training_sets(section).train_rows == n_train  # counted without reading an image
     row = train_ds.take(1)[0]
-    assert set(row) == {"id", "source", "target", "action"} and row["source"][:4] == b"\x89PNG"
+    assert set(row) == {"id", "source", "target", "action", "weights", "weights_shape"}
+    assert row["source"][:4] == b"\x89PNG" and row["weights"] is None  # gold rows: the encoder's, at collate
 
 
 def test_a_materialized_training_set_is_read_once(ray_local: None, gold: str, tmp_path: Path) -> None:
@@ -221,6 +242,64 @@ def test_engine_autocasts_the_forward_on_cpu_and_clips_ddp_gradients() -> None:
         engine.step(loss)
         norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in probe.parameters()]))
         assert norm <= 1.0 + 1e-3, norm
+
+
+def test_ddp_accumulation_gives_the_gradient_and_step_of_one_larger_batch() -> None:
+    """Two micro-batches accumulated (`optim.global_batch_size` = 2 x workers x batch_size) step the optimizer once,
+    with the gradient of the mean loss over both: the update one batch twice the size gives."""
+    import torch
+
+    from cwm_ray.train import _Engine
+
+    class Mean(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 1)
+
+        def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return (self.lin(x) - y).pow(2).mean()
+
+    x, y = torch.randn(8, 3, generator=torch.Generator().manual_seed(0)), torch.randn(8, 1)
+    results = []
+    for accumulation, parts in ((1, [slice(0, 8)]), (2, [slice(0, 4), slice(4, 8)])):
+        torch.manual_seed(0)
+        module = Mean()
+        # SGD, whose update scales with the gradient (Adam's would hide a gradient twice too large)
+        opt = torch.optim.SGD(module.parameters(), lr=0.1)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (1 + step))
+        engine = _Engine(module, opt, sched, deepspeed=False, clip=0.0, accumulation=accumulation)
+        stepped = [engine.step(engine.loss({"x": x[s], "y": y[s]})) for s in parts * 2]  # two optimizer steps
+        assert stepped == [True, True] if accumulation == 1 else [False, True, False, True]
+        results.append(([p.detach().clone() for p in module.parameters()], [p.grad.clone() for p in
+                                                                            module.parameters()], sched.last_epoch))
+    (one, grad_one, steps_one), (two, grad_two, steps_two) = results
+    assert steps_one == steps_two == 2  # the LR schedule steps per optimizer step, not per micro-batch
+    for a, b in zip(one + grad_one, two + grad_two, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_one_worker_accumulating_trains_the_recipe_of_two_workers(ray_local: None, gold: str, tmp_path: Path) -> None:
+    """Epochs and a global batch are the recipe; the worker count only its speed: 1 worker accumulating 2
+    micro-batches and 2 workers with 1 each take the same steps, rows per step and LR schedule (DeepSpeed's
+    gradient_accumulation_steps), with max_steps derived from the epochs and the rows counted in the driver."""
+    from cwm_ray.idm import build_toy_idm
+    from cwm_ray.train import train
+
+    build_toy_idm(str(tmp_path / "tiny"), hidden_size=32, text_layers=1)
+    runs = {}
+    for workers in (1, 2):
+        cfg = load(TrainIDMConfig, None, [
+            f"idm.model={tmp_path / 'tiny'}", f"train.name=acc{workers}", "optim.max_steps=null", "optim.epochs=1",
+            "optim.global_batch_size=8", "optim.warmup_steps=2", "data.max_rows=40",
+            *_common(tmp_path, gold, str(tmp_path / "runs"), **{"optim.batch_size": 4, "scaling.num_workers": workers,
+                                                                 "train.log_every": 1, "train.eval_every": 0})])
+        runs[workers] = train(cfg)
+    one, two = runs[1], runs[2]
+    assert one["train_rows"] == two["train_rows"] and 24 <= one["train_rows"] <= 40
+    assert one["steps"] == two["steps"] == -(-one["train_rows"] // 8)  # ceil(epochs x rows / global batch)
+    for run in (one, two):
+        assert run["global_batch_size"] == 8 and [m["samples_per_step"] for m in run["history"]] == [8] * run["steps"]
+    assert [m["lr"] for m in one["history"]] == pytest.approx([m["lr"] for m in two["history"]])
 
 
 @pytest.mark.fault

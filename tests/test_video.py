@@ -1,3 +1,5 @@
+import dataclasses
+import io
 import json
 import tracemalloc
 from collections.abc import Iterator
@@ -80,10 +82,44 @@ def test_peaks_respect_k_and_spacing_in_consecutive_mode(corpus: Path) -> None:
 def test_stored_frames_are_capped_by_max_side_and_motion_runs_on_a_small_copy(corpus: Path) -> None:
     data = (corpus / "videos" / "toy_00001.mp4").read_bytes()
     frame = next(iter_frames(data, FramesConfig(motion_size=16, max_side=32)))
-    assert frame.rgb.shape == (32, 32, 3) and frame.motion_rgb.shape == (16, 16, 3)
+    # The ring buffer holds decoded pictures scaled to max_side, never the source's: memory stays bounded.
+    assert (frame._picture.width, frame._picture.height) == (32, 32)
+    assert frame.rgb.shape == (32, 32, 3) and frame.motion is not None and frame.motion.shape == (16, 16)
+    assert next(iter_frames(data, FramesConfig(motion_size=16, motion="diff"))).motion.shape == (16, 16, 3)
     # Never upscaled: a 64 px video stays 64 px under the default 512 cap.
     frame = next(iter_frames(data, FramesConfig(motion_size=128, max_side=512)))
-    assert frame.rgb.shape == (64, 64, 3) and frame.small is None
+    assert frame.rgb.shape == (64, 64, 3) and frame.motion.shape == (64, 64)
+
+
+def _full_rgb_frames(data: bytes) -> Iterator[Frame]:
+    """Every frame converted to RGB, the way decoding worked before issue 32 (motion copies made from the RGB)."""
+    import av
+
+    with av.open(io.BytesIO(data)) as container:
+        for i, frame in enumerate(container.decode(video=0)):
+            yield Frame(i, float(frame.time), frame.to_ndarray(format="rgb24"))
+
+
+@pytest.mark.parametrize("motion", ["farneback", "diff"])
+def test_the_cheap_decode_path_chooses_the_frames_full_rgb_decoding_chose(corpus: Path, motion: str) -> None:
+    """Issue 32: frames are no longer all converted to RGB (only the pairs' frames are, from the decoded pictures
+    the ring buffer keeps), the motion copy is scaled straight from the decoded picture, FFmpeg decodes on one
+    thread, and shot cuts are detected: on the toy corpus the pairs and their pixels are the same as before."""
+    cfg = FramesConfig(motion=motion)
+    assert cfg.shot_cuts and cfg.decode_threads == 1
+    for video in sorted((corpus / "videos").glob("*.mp4")):
+        data = video.read_bytes()
+        frames = list(iter_frames(data, cfg))
+        assert not any(f.cut for f in frames)  # the toy world has no cuts
+        fast, n = choose_pairs(iter(frames), cfg)
+        if motion == "farneback":  # frame choice converts nothing to RGB (`diff` compares the RGB frames)
+            assert all(f._rgb is None for f in frames)
+        slow, _ = choose_pairs(_full_rgb_frames(data), dataclasses.replace(cfg, shot_cuts=False))
+        assert [(p.source.index, p.target.index) for p in fast] == [(p.source.index, p.target.index) for p in slow]
+        for a, b in zip(fast, slow, strict=True):
+            assert np.array_equal(a.source.rgb, b.source.rgb) and np.array_equal(a.target.rgb, b.target.rgb)
+        if motion == "farneback":  # reading the pairs converted their frames and no others
+            assert sum(f._rgb is not None for f in frames) == len({f.index for p in fast for f in (p.source, p.target)})
 
 
 def _synthetic(n: int) -> Iterator[Frame]:
@@ -161,3 +197,50 @@ def test_one_repeated_frame_inside_an_action_does_not_cut_the_bracket_short() ->
         cfg = FramesConfig(motion="diff", k_frames=1, still_frames=run)
         (pair,), _ = choose_pairs(frames(), cfg)
         assert (pair.source.index, pair.target.index) == expected, run
+
+
+def _shot(seed: int, n: int, move_at: int, colour: tuple[int, int, int]) -> list[np.ndarray]:
+    """`n` frames of one camera set-up: a smooth random background, and a square that slides 32 px right over 8
+    frames from `move_at` (one action)."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    background = cv2.resize(rng.integers(0, 255, (6, 6, 3), dtype=np.uint8), (96, 96), interpolation=cv2.INTER_CUBIC)
+    frames = []
+    for i in range(n):
+        img = background.copy()
+        x = 20 + 4 * min(max(i - move_at, 0), 8)
+        cv2.rectangle(img, (x, 40), (x + 16, 56), colour, -1)
+        frames.append(img)
+    return frames
+
+
+@pytest.fixture(scope="module")
+def cut_video() -> bytes:
+    """H.264 (PyAV, yuv420p): a hard cut at frame 40 between two shots, each with one action touching the cut (the
+    square of shot A slides over frames 33-39, that of shot B over frames 41-48)."""
+    return encode_mp4(_shot(1, 40, 32, (255, 255, 255)) + _shot(2, 40, 0, (0, 0, 0)), fps=10)
+
+
+def test_no_pair_spans_a_hard_cut_although_the_cut_is_the_biggest_motion_peak(cut_video: bytes) -> None:
+    """Issue 33: a hard cut is the largest motion peak a video has, so without cut detection it becomes a pair
+    showing two scenes. PySceneDetect's ContentDetector, fed the frames already decoded, marks frame 40; the cut's
+    motion is no peak, no pair spans it in either pairing, and each shot's action makes its own pair."""
+    from cwm_ray.video import motion_score
+
+    plain = FramesConfig(shot_cuts=False, k_frames=2)
+    frames = list(iter_frames(cut_video, plain))
+    motion = [motion_score(a.motion, b.motion, "farneback") for a, b in zip(frames, frames[1:], strict=False)]
+    assert int(np.argmax(motion)) + 1 == 40 and max(motion) > 10 * sorted(motion)[-2]
+    pairs, _ = choose_pairs(iter(frames), plain)
+    assert any(p.source.index < 40 <= p.target.index for p in pairs)  # what cut detection is for
+
+    cfg = FramesConfig(k_frames=2)
+    assert [f.index for f in iter_frames(cut_video, cfg) if f.cut] == [40]
+    pairs, _ = choose_pairs(iter_frames(cut_video, cfg), cfg)
+    # Each bracket stops at the cut, though the motion goes on right across it; neither peak is the cut's.
+    assert [(p.source.index, p.target.index) for p in pairs] == [(32, 39), (40, 48)]
+    assert all(p.motion < max(motion) / 10 for p in pairs)
+    consecutive = dataclasses.replace(cfg, pairing="consecutive", k_frames=3, min_spacing=3)
+    pairs, _ = choose_pairs(iter_frames(cut_video, consecutive), consecutive)
+    assert pairs and not any(p.source.index < 40 <= p.target.index for p in pairs)

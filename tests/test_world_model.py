@@ -196,6 +196,12 @@ def test_collate_takes_precomputed_weights_at_any_grid(tiny_dir: str) -> None:
     computed = wm.collate(_batch(2))["weights"]  # no weights column: recognition from encode_features
     assert computed.shape == (2, 8, 8) and computed.min() >= 0.1 - 1e-6
     torch.testing.assert_close(computed.mean(dim=(1, 2)), torch.ones(2))
+    # a gold + synthetic batch: the stored map where there is one, the encoder's for the row without
+    batch["weights"] = np.array([encoded[1][0], None], dtype=object)
+    batch["weights_shape"] = np.array([encoded[1][1], None], dtype=object)
+    mixed = wm.collate(batch)["weights"]
+    torch.testing.assert_close(mixed[0], out["weights"][1])
+    torch.testing.assert_close(mixed[1], computed[1])
 
 
 def test_loads_from_s3(tiny_dir: str, s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

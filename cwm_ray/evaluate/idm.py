@@ -9,8 +9,9 @@ Two sources of (source, target, action) rows, one scoring:
 - `triplets`: a Parquet directory written by `jobs/annotate.py` (`triplets/` or `pairs/`); the stored
   actions are scored as they are, so the figure is what annotation kept, with no IDM loaded.
 
-Scores per row: `exact`, the action equals the reference after case and whitespace are normalised (the
-only check a real benchmark supports; none for `triplets`, which have no reference), and, with `toy_judge`,
+Scores per row: `exact`, the action equals the reference after case and whitespace are normalised; the paper's
+text metrics (`text_metrics`): ROUGE-1 / ROUGE-L F1 and BERTScore F1 per row, and corpus BLEU over each task
+and the whole set (none of these for `triplets`, which have no reference); and, with `toy_judge`,
 `explains`: the action, executed on the source scene by the toy world's exact parser, gives the target
 scene. The toy figure is the one to read there: two sentences can describe one change (`move the red
 circle left` and `put the red circle to the left of the blue square`), and no IDM can tell which was said.
@@ -45,6 +46,9 @@ class Row:
     exact: bool | None
     explains: bool | None
     logprob: float | None = None
+    rouge1: float | None = None
+    rougeL: float | None = None  # noqa: N815 (rouge-score's name)
+    bertscore: float | None = None
 
 
 def score(ids: Sequence[str], tasks: Sequence[str], sources: Sequence[bytes], targets: Sequence[bytes],
@@ -63,13 +67,72 @@ def score(ids: Sequence[str], tasks: Sequence[str], sources: Sequence[bytes], ta
     return rows
 
 
-def summarise(rows: Sequence[Row]) -> dict[str, Any]:
-    """Counts and rates overall and per task; a rate is None when no row has that score."""
+def text_metrics(rows: Sequence[Row], scorer: Any = None) -> None:
+    """Fill each referenced row's ROUGE-1 / ROUGE-L F1 (rouge-score) and BERTScore F1 (bert-score, one batched
+    pass over the set), the paper's IDM metrics; BLEU is a corpus score, taken in `summarise`."""
+    from rouge_score import rouge_scorer
+
+    scored = [r for r in rows if r.reference is not None]
+    if not scored:
+        return
+    rouge = rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=True)
+    for r in scored:
+        s = rouge.score(r.reference, r.action)  # (target, prediction)
+        r.rouge1, r.rougeL = s["rouge1"].fmeasure, s["rougeL"].fmeasure
+    if scorer is not None:
+        # An empty action matches nothing: 0, without asking bert-score (whose empty-sentence path calls a tokenizer
+        # method transformers 5 no longer has).
+        said = [r for r in scored if r.action.strip() and r.reference.strip()]
+        for r in scored:
+            r.bertscore = 0.0
+        if said:
+            _, _, f1 = scorer.score([r.action for r in said], [r.reference for r in said])
+            for r, v in zip(said, f1.tolist(), strict=True):
+                r.bertscore = float(v)
+
+
+def bert_scorer(cfg: EvaluateIDMConfig) -> Any:
+    """bert-score's scorer over `bertscore_model` (an id, or a local or s3:// directory), at `bertscore_layers`."""
+    import torch
+    from bert_score import BERTScorer
+    from bert_score.utils import model2layers
+    from transformers import AutoConfig
+
+    model = cfg.bertscore_model or ""
+    path = storage.local_dir(model, cfg=cfg.storage)
+    layers = cfg.bertscore_layers or model2layers.get(model) or AutoConfig.from_pretrained(path).num_hidden_layers
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    scorer = BERTScorer(model_type=path, num_layers=layers, lang="en" if cfg.bertscore_rescale else None,
+                        rescale_with_baseline=cfg.bertscore_rescale, device=device)
+    if cfg.bertscore_rescale:
+        try:
+            _ = scorer.baseline_vals  # read now, not after the IDM has labelled the whole set
+        except ValueError:
+            raise ValueError(f"bertscore_rescale: bert-score ships no English baseline for {model!r}; use a model it "
+                             "knows (e.g. roberta-large) or bertscore_rescale=false") from None
+    return scorer
+
+
+def corpus_bleu(part: Sequence[Row]) -> float | None:
+    """sacrebleu's corpus BLEU of the actions against their references, on a 0–1 scale (the paper's)."""
+    import sacrebleu
+
+    scored = [r for r in part if r.reference is not None]
+    if not scored:
+        return None
+    return sacrebleu.corpus_bleu([r.action for r in scored], [[r.reference for r in scored]]).score / 100
+
+
+def summarise(rows: Sequence[Row], text: bool = False) -> dict[str, Any]:
+    """Counts and rates overall and per task; a rate is None when no row has that score. With `text`, also the
+    means of the text metrics and corpus BLEU."""
     def rates(part: Sequence[Row]) -> dict[str, Any]:
         out: dict[str, Any] = {"items": len(part)}
-        for key in ("exact", "explains"):
+        for key in ("exact", "explains", *(("rouge1", "rougeL", "bertscore") if text else ())):
             values = [getattr(r, key) for r in part if getattr(r, key) is not None]
             out[key] = sum(values) / len(values) if values else None
+        if text:
+            out["bleu"] = corpus_bleu(part)
         return out
 
     tasks = sorted({r.task for r in rows})
@@ -124,8 +187,12 @@ def evaluate_idm(cfg: EvaluateIDMConfig) -> dict[str, Any]:
     storage.configure(cfg.storage)
     t0 = time.perf_counter()
     toy = cfg.toy if cfg.toy_judge else None
+    text = bool(cfg.text_metrics and cfg.bench)
+    scorer = bert_scorer(cfg) if text and cfg.bertscore_model else None  # a bad model fails before the IDM runs
     rows = _bench_rows(cfg, toy) if cfg.bench else _triplet_rows(cfg, toy)
-    summary = summarise(rows) | {
+    if text:
+        text_metrics(rows, scorer)
+    summary = summarise(rows, text) | {
         "source": cfg.bench or cfg.triplets, "idm": cfg.idm.model if cfg.bench else None,
         "seconds": round(time.perf_counter() - t0, 1),
     }
@@ -136,12 +203,25 @@ def evaluate_idm(cfg: EvaluateIDMConfig) -> dict[str, Any]:
     return summary
 
 
+TEXT_COLUMNS = ("bleu", "rouge1", "rougeL", "bertscore")
+"""The paper's IDM metrics (its order: BERTScore / ROUGE-1 / ROUGE-L / BLEU), each on a 0–1 scale."""
+
+
 def format_table(summary: dict[str, Any]) -> str:
     def pct(v: float | None) -> str:
         return "—" if v is None else f"{100 * v:.1f} %"
 
-    lines = [f"IDM accuracy on {summary['source']}", f"{'task':<16}{'items':>7}{'exact':>10}{'explains':>10}"]
-    for task, r in summary["per_task"].items():
-        lines.append(f"{task:<16}{r['items']:>7}{pct(r['exact']):>10}{pct(r['explains']):>10}")
-    lines.append(f"{'all':<16}{summary['items']:>7}{pct(summary['exact']):>10}{pct(summary['explains']):>10}")
+    def num(v: float | None) -> str:
+        return "—" if v is None else f"{v:.3f}"
+
+    text = [c for c in TEXT_COLUMNS if c in summary]
+
+    def line(name: str, r: dict[str, Any]) -> str:
+        return (f"{name:<16}{r['items']:>7}{pct(r['exact']):>10}{pct(r['explains']):>10}"
+                + "".join(f"{num(r.get(c)):>11}" for c in text))
+
+    lines = [f"IDM accuracy on {summary['source']}",
+             f"{'task':<16}{'items':>7}{'exact':>10}{'explains':>10}" + "".join(f"{c:>11}" for c in text)]
+    lines += [line(task, r) for task, r in summary["per_task"].items()]
+    lines.append(line("all", summary))
     return "\n".join(lines)

@@ -23,6 +23,7 @@ import pandas as pd  # noqa: E402
 from cwm_ray import storage  # noqa: E402
 from cwm_ray.config import EvaluateConfig  # noqa: E402
 from cwm_ray.evaluate.bench import BenchItem  # noqa: E402
+from cwm_ray.evaluate.pipeline import primary_metric  # noqa: E402
 from cwm_ray.evaluate.predict import Prediction  # noqa: E402
 
 NAMES = {"judge_score": "LLM judge (min)", "judge_editing_success": "judge: edit success",
@@ -37,13 +38,6 @@ th:first-child,td:first-child{text-align:left}th{background:#f4f4f4}.muted{color
 border:1px solid #eee}
 figure{margin:0;text-align:center;font-size:.8rem}figure img{width:128px;height:128px;image-rendering:pixelated}
 .chosen img{outline:3px solid #1a7f37}img.plot{max-width:560px;margin-right:1rem}"""
-
-
-def primary_metric(metrics: Sequence[str]) -> str:
-    for m in ("judge_score", "toy_score", "idm_agreement", "clip_i", "l1"):
-        if m in metrics:
-            return m
-    return metrics[0] if metrics else "verifier_logp"
 
 
 def _plots(summary: dict[str, Any], out: Path) -> list[str]:
@@ -94,6 +88,23 @@ def _table(rows: Sequence[dict], first: str, metrics: Sequence[str]) -> str:
         cells = "".join(f"<td>{'–' if r.get(m) is None else f'{r[m]:.3f}'}</td>" for m in metrics)
         body.append(f"<tr><td>{html.escape(str(r[first]))}</td><td>{r['items']}</td>{cells}</tr>")
     return f"<table><tr><th>{first}</th><th>items</th>{head}</tr>{''.join(body)}</table>"
+
+
+def _headline_table(summary: dict[str, Any]) -> str:
+    """Per system: each headline subset's score, their mean (the paper's number) and the all-task mean beside."""
+    head = summary["headline"]
+    metric = head["metric"]
+    overall = {r["label"]: r.get(metric) for r in summary["overall"]}
+
+    def cell(v: float | None) -> str:
+        return f"<td>{'–' if v is None else f'{v:.3f}'}</td>"
+
+    heads = "".join(f"<th>{html.escape(t)}</th>" for t in head["tasks"])
+    body = "".join(f"<tr><td>{html.escape(r['label'])}</td>{''.join(cell(r['tasks'].get(t)) for t in head['tasks'])}"
+                   f"{cell(r['mean'])}{cell(overall.get(r['label']))}</tr>" for r in head["rows"])
+    missing = (f"<p class=muted>Not in this run: {html.escape(', '.join(head['missing']))}; the mean needs every "
+               "subset.</p>") if head["missing"] else ""
+    return (f"<table><tr><th>label</th>{heads}<th>mean</th><th>all tasks</th></tr>{body}</table>{missing}")
 
 
 def _examples(cfg: EvaluateConfig, items: Sequence[BenchItem], predictions: Sequence[Prediction],
@@ -149,7 +160,11 @@ def render(cfg: EvaluateConfig, items: Sequence[BenchItem], predictions: Sequenc
 {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}</p>
 <p class=muted>Copying the source scores 0 with a judge but does well on L1, CLIP-I and DINO: read those
 beside the copy row. Best-of-N uses the first N of the same candidates for every N.</p>
-<h2>Overall</h2>{_table(summary['overall'], 'label', metrics)}
+<h2>Headline: {html.escape(NAMES.get(summary['headline']['metric'], summary['headline']['metric']))}, mean over
+{len(summary['headline']['tasks'])} subsets</h2>
+<p class=muted>The paper's number: each subset's mean score, averaged over the subsets (on AURORA-Bench its five
+judged ones); "all tasks" is every item's mean, for comparison, not the headline.</p>{_headline_table(summary)}
+<h2>All tasks</h2>{_table(summary['overall'], 'label', metrics)}
 {f"<p class=muted>LLM judge answers: {html.escape(json.dumps(judge))}</p>" if judge else ""}
 <h2>Per task: {html.escape(NAMES.get(primary, primary))}</h2>{task_table}
 <h2>Plots</h2>{plots or '<p class=muted>no plot for these metrics</p>'}

@@ -35,8 +35,8 @@ from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, PreTraine
 from cwm_ray import storage
 from cwm_ray.config import DIFFUSERS_LORA_TARGETS, TOY, RecognitionConfig, WorldModelConfig
 from cwm_ray.lora import lora_targets
-from cwm_ray.recognition import recognition_weights
-from cwm_ray.schema import decode_image, weights_from_bytes
+from cwm_ray.recognition import batch_weights, recognition_weights, stored_weights
+from cwm_ray.schema import decode_image
 from cwm_ray.world_model import DTYPES, candidate_seed, resolve_device
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -258,21 +258,18 @@ class DiffusionWorldModel:
     def collate(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         """A Ray Data numpy batch (source, target PNG bytes; action; optional weights) → forward's kwargs.
 
-        Rows without precomputed `weights` get recognition weights from this model's own encoder; with
-        recognition disabled every map is all ones, so the ablation runs through the same code path.
+        Rows with a stored map (annotation's) use it; the others (gold rows) get recognition weights from this
+        model's own encoder; with recognition disabled every map is all ones, so the ablation runs through the same
+        code path.
         """
         original = self._pixels(list(batch["source"]))
         edited = self._pixels(list(batch["target"]))
         grid = (self.latent_size, self.latent_size)
         if not self.recognition.enabled:  # the unweighted ablation ignores any precomputed maps
             weights = torch.ones(len(original), *grid)
-        elif batch.get("weights") is not None:
-            maps = [torch.from_numpy(weights_from_bytes(b, s)) for b, s in
-                    zip(batch["weights"], batch["weights_shape"], strict=True)]
-            weights = torch.cat([pool_to_latent_grid(m[None], grid)[:, 0] for m in maps])
         else:
-            weights = recognition_weights(self.encode_features(original), self.encode_features(edited),
-                                          self.recognition.floor).cpu()
+            weights = batch_weights(stored_weights(batch), grid, lambda rows: recognition_weights(
+                self.encode_features(original[rows]), self.encode_features(edited[rows]), self.recognition.floor))
         return {"original_pixel_values": original, "edited_pixel_values": edited,
                 "input_ids": self._tokenize([str(a) for a in batch["action"]]), "weights": weights}
 

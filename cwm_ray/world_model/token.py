@@ -63,8 +63,8 @@ from transformers import AutoTokenizer, JanusForConditionalGeneration, PreTraine
 from cwm_ray import storage
 from cwm_ray.config import TOY, TRANSFORMERS_LORA_TARGETS, RecognitionConfig, WorldModelConfig
 from cwm_ray.lora import lora_targets, target_regex
-from cwm_ray.recognition import recognition_weights
-from cwm_ray.schema import decode_image, weights_from_bytes
+from cwm_ray.recognition import batch_weights, recognition_weights, stored_weights
+from cwm_ray.schema import decode_image
 from cwm_ray.world_model import DTYPES, candidate_seed, resolve_device
 
 BOI, EOI, IMAGE = "<begin_of_image>", "<end_of_image>", "<image_placeholder>"
@@ -83,14 +83,6 @@ def weighted_nll(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Ten
     """
     nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
     return nll.mean() if weights is None else (weights.to(nll) * nll).mean()
-
-
-def pool_to_grid(weights: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """(B, h, w) weights at any grid → (B, H, W) on the token grid by area averaging (keeps the mean)."""
-    w = weights.float()[:, None]
-    if tuple(w.shape[-2:]) != tuple(size):
-        w = F.interpolate(w, size=tuple(size), mode="area")
-    return w[:, 0]
 
 
 class JanusWorldModule(nn.Module):
@@ -397,34 +389,44 @@ class TokenWorldModel:
     def collate(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         """A Ray Data numpy batch (source, target PNG bytes; action; optional weights) → forward's kwargs.
 
-        Images become VQ codes here (`codes`). Rows without precomputed `weights` get recognition weights
-        from this model's own VQ encoder; with recognition disabled every map is all ones, so the ablation
-        runs through the same code path.
+        Images become VQ codes here (`codes`). Rows with a stored map (annotation's) use it; the others (gold
+        rows) get recognition weights from this model's own VQ encoder; with recognition disabled every map is all
+        ones, so the ablation runs through the same code path.
         """
         sources, targets = list(batch["source"]), list(batch["target"])
         grid = (self.module.grid, self.module.grid)
-        source_features = target_features = None
+        features: dict[str, torch.Tensor] = {}
+        stored = stored_weights(batch)
         if not self.recognition.enabled:
             weights = torch.ones(len(sources), *grid)
-        elif batch.get("weights") is not None:
-            maps = [torch.from_numpy(weights_from_bytes(b, s)) for b, s in
-                    zip(batch["weights"], batch["weights_shape"], strict=True)]
-            weights = torch.cat([pool_to_grid(m[None], grid) for m in maps])
+        elif all(m is not None for m in stored):
+            weights = batch_weights(stored, grid, lambda rows: torch.empty(0))
         else:
             # A map depends only on the frozen VQ and its two images, so it is kept per pair like the codes: a
             # training run pays the encoder for it once per pair, not once per epoch (without this, the table's
             # row (c) trained in 384 s against about 250 s for the unweighted rows).
             pairs = [_digest(s) + _digest(t) if isinstance(s, bytes) and isinstance(t, bytes) else None
                      for s, t in zip(sources, targets, strict=True)]
-            if all(k is not None and k in self._weight_cache for k in pairs):
-                weights = torch.stack([self._weight_cache[k] for k in pairs])
-            else:
-                source_features, target_features = self.encode_features(sources), self.encode_features(targets)
-                weights = recognition_weights(source_features, target_features, self.recognition.floor).cpu()
-                _keep(self._weight_cache, zip(pairs, weights, strict=True))
+
+            def compute(rows: list[int]) -> torch.Tensor:
+                keys = [pairs[i] for i in rows]
+                if all(k is not None and k in self._weight_cache for k in keys):
+                    return torch.stack([self._weight_cache[k] for k in keys])
+                if len(rows) == len(sources):  # the whole batch: its features also give the codes below
+                    features["source"], features["target"] = self.encode_features(sources), self.encode_features(
+                        targets)
+                    src, tgt = features["source"], features["target"]
+                else:
+                    src = self.encode_features([sources[i] for i in rows])
+                    tgt = self.encode_features([targets[i] for i in rows])
+                maps = recognition_weights(src, tgt, self.recognition.floor).cpu()
+                _keep(self._weight_cache, zip(keys, maps, strict=True))
+                return maps
+
+            weights = batch_weights(stored, grid, compute)
         input_ids, attention_mask = self._tokenize_text(list(batch["action"]))
-        return {"source_codes": self.codes(sources, source_features),
-                "target_codes": self.codes(targets, target_features), "input_ids": input_ids,
+        return {"source_codes": self.codes(sources, features.get("source")),
+                "target_codes": self.codes(targets, features.get("target")), "input_ids": input_ids,
                 "attention_mask": attention_mask, "weights": weights}
 
     def training_module(self) -> nn.Module:

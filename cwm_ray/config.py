@@ -571,6 +571,10 @@ class LoRAConfig:
     to_q/to_k/to_v/to_out.0 of a diffusers UNet (InstructPix2Pix). A name the model lacks is an error."""
 
 
+IDM_LORA_EXPORTS = ("merged", "adapter")
+"""`idm.lora_export` settings: how a LoRA-trained IDM is saved."""
+
+
 @dataclass
 class IDMConfig:
     """The inverse dynamics model: two frames → the action text."""
@@ -605,9 +609,16 @@ class IDMConfig:
     trust_remote_code: bool = False
     """Off unless a model needs it: remote code runs with your credentials."""
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    lora_export: str = "merged"
+    """How a LoRA-trained IDM is saved (train_idm's export, each checkpoint's `model/`): `merged` = full weights
+    with the adapter folded in, loaded as `idm.model=<export>`; `adapter` = peft's adapter alone (adapter_config.json
+    + adapter_model.safetensors: megabytes, not a copy of the base), loaded as `idm.model=<base>` +
+    `idm.adapter=<export>`. The paper's single-model setting uses `adapter`: one base checkpoint, an IDM adapter and
+    a world-model adapter (configs/real/janus_pro_7b_self.yaml)."""
 
     def __post_init__(self) -> None:
         check_choice("idm.dtype", self.dtype, DTYPE_NAMES)
+        check_choice("idm.lora_export", self.lora_export, IDM_LORA_EXPORTS)
         check_choice("idm.attn_implementation", self.attn_implementation,
                      (None, "sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"))
         check_choice("idm.cache_implementation", self.cache_implementation, (None, "dynamic", "static"))
@@ -850,6 +861,9 @@ class TrainIDMConfig:
     outputs lost with the job's temporary working directory, is never what a cluster run means."""
 
     def __post_init__(self) -> None:
+        if self.idm.lora_export == "adapter" and not self.idm.lora.enabled:
+            raise ConfigError("idm.lora_export=adapter exports a LoRA adapter, but idm.lora.enabled is false (all "
+                              "weights train): set idm.lora.enabled=true, or idm.lora_export=merged")
         accumulation_steps(self.optim, self.scaling)
 
 

@@ -141,20 +141,27 @@ class InverseDynamicsModel:
         return cls(model.to(device).eval(), processor, cfg)
 
     def save(self, directory: str) -> None:
-        """Full safetensors weights + processor, loadable by `load(IDMConfig(model=directory))`.
+        """Full safetensors weights + processor, loadable by `load(IDMConfig(model=directory))`; or, for a LoRA
+        model with `lora_export: adapter`, peft's adapter alone, loadable by `load(IDMConfig(model=<base>,
+        adapter=directory))`.
 
-        A LoRA model is saved merged (base + B·A per adapted layer), computed without touching the live
+        A LoRA model is saved merged by default (base + B·A per adapted layer), computed without touching the live
         weights, so training can go on after a checkpoint and every consumer (annotate, serve) loads one
-        format with no adapter bookkeeping. `directory` may be s3://.
+        format with no adapter bookkeeping. The adapter export is for a base too large to copy per role, shared
+        with the world model (the paper's single-model setting). `directory` may be s3://.
         """
         with contextlib.ExitStack() as stack:
             local = stack.enter_context(tempfile.TemporaryDirectory()) if storage.is_s3(directory) else directory
-            if isinstance(self.model, PeftModel):
+            adapter_only = isinstance(self.model, PeftModel) and self.cfg.lora_export == "adapter"
+            if adapter_only:  # adapter_config.json + adapter_model.safetensors; the processor stays the base's
+                self.model.save_pretrained(local)
+            elif isinstance(self.model, PeftModel):
                 base = self.model.get_base_model()
                 base.save_pretrained(local, state_dict=_merged_state_dict(self.model))
             else:
                 self.model.save_pretrained(local)
-            self.processor.save_pretrained(local)
+            if not adapter_only:
+                self.processor.save_pretrained(local)
             if storage.is_s3(directory):
                 storage.upload_dir(local, directory)
 

@@ -129,7 +129,9 @@ def stored_model_info(directory: str) -> dict[str, Any] | None:
     if "config.json" in files:
         model_type = str(storage.read_json(storage.join(directory, "config.json")).get("model_type", ""))
         return {"kind": "world_model", "backend": "token"} if "janus" in model_type else {"kind": "idm"}
-    if "adapter_config.json" in files:  # only the token backend exports a bare adapter (the IDM's is merged)
+    # A bare peft adapter without MODEL_INFO is the token backend's (an IDM adapter, `idm.lora_export: adapter`,
+    # is only written by train_idm, with MODEL_INFO)
+    if "adapter_config.json" in files:
         return {"kind": "world_model", "backend": "token"}
     return {"kind": "unknown"}
 

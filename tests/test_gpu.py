@@ -9,14 +9,14 @@ client too, which the Serve test drives):
 
 It builds the tiny checkpoints of each family (`cwm_ray/tiny/`) and runs, on CUDA, at the dtypes the profiles
 (`configs/real/*.yaml`) give each stage:
-- each IDM family (LLaVA, Qwen2-VL, Qwen2.5-VL, Idefics3): label and score in bf16 (the same likelihoods as the
+- each IDM family (LLaVA, Qwen2-VL, Qwen2.5-VL, Idefics3, Janus): label and score in bf16 (the same likelihoods as the
   CPU's in float32, to bf16's precision), and three LoRA training steps with the module in bf16 (DeepSpeed's bf16);
 - each world-model family (InstructPix2Pix, Janus) and the toys: best-of-4 with a bf16 Qwen2-VL verifier at the
   serve dtype (fp16 / bf16), and three LoRA training steps in bf16;
 - a Serve best-of-N request through the `openai` client for each world-model family, with replicas given a share
   of the GPU, which `/healthz` must report as their device.
 Not yet run on a GPU (none was lent while it was written); on the CPU, with DEVICE = "cpu" and GPU_SHARE = 0
-put in for one run, all 10 tests passed.
+put in for one run, all 10 tests passed (Janus's IDM test, added later, passed the same way).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The IDM on real model families (LLaVA-1.5, Qwen2-VL, Qwen2.5-VL, SmolVLM/Idefics3), not only the toy.
+"""The IDM on real model families (LLaVA-1.5, Qwen2-VL, Qwen2.5-VL, SmolVLM/Idefics3, Janus), not only the toy.
 
 Each family is a tiny random checkpoint of its real classes, processor, special tokens and chat template
 (`cwm_ray.tiny.idm`), saved and loaded by path through the production code. Checked per family:
@@ -6,10 +6,12 @@ Each family is a tiny random checkpoint of its real classes, processor, special 
 - training labels the answer only (the prompt is masked), and LoRA adapts only the language model;
 - after a short fit, `label` returns the trained action and its log-likelihood is exactly what `score`
   gives the same action (the filter and the verifier read one likelihood);
+- a LoRA adapter exported alone (`idm.lora_export: adapter`) reloads over the base with the trained scores;
 - a row scores the same alone or batched beside frames of another size (Qwen2-VL's dynamic resolution gives
   them other lengths, hence left padding);
 - and through the jobs' CLIs with a real model profile (configs/real/): LoRA training, evaluation, and
-  annotation of real H.264 video at 224 px, whose stored frames keep their 224 px.
+  annotation of real H.264 video at 224 px, whose stored frames keep their 224 px (Janus: through the jobs of
+  its single-model profile, tests/test_single_model.py).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ MARKERS = {
     "qwen2_vl": ["<|im_start|>user", "<|vision_start|><|image_pad|><|vision_end|>" * 2, "<|im_start|>assistant"],
     "qwen2_5_vl": ["<|im_start|>user", "<|vision_start|><|image_pad|><|vision_end|>" * 2, "<|im_start|>assistant"],
     "idefics3": ["User:", "<image><image>", "Assistant:"],
+    "janus": ["<|User|>: <image_placeholder>", "<image_placeholder>\n", "<|Assistant|>:"],
 }
 ACTIONS = ["move the red circle left", "remove the blue square"]
 
@@ -142,6 +145,28 @@ def test_a_row_scores_the_same_alone_or_beside_frames_of_another_size(family: tu
     np.testing.assert_allclose(batched, alone, rtol=1e-4, atol=1e-4)
 
 
+def test_a_lora_adapter_export_reloads_over_the_base_with_the_same_scores(family: tuple[str, str],
+                                                                          tmp_path: Path) -> None:
+    """`idm.lora_export: adapter` writes peft's adapter alone (no copy of the base), and base + adapter scores as the
+    trained model did: the single-model setting's IDM export (configs/real/janus_pro_7b_self.yaml)."""
+    _, path = family
+    idm = InverseDynamicsModel.load(IDMConfig(model=path, lora_export="adapter"))
+    sources, targets = _frames(8, (224, 224)), _frames(9, (224, 224))
+    before = idm.score_batch(sources, targets, ACTIONS)
+    idm.training_module(LoRAConfig(enabled=True, r=4, alpha=8))
+    with torch.no_grad():  # a trained adapter, without the cost of training one
+        for name, param in idm.model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(len(name)))
+    trained = idm.score_batch(sources, targets, ACTIONS)
+    idm.save(str(tmp_path / "adapter"))
+    assert {p.name for p in (tmp_path / "adapter").iterdir()} == {"adapter_config.json", "adapter_model.safetensors",
+                                                                  "README.md"}
+    reloaded = InverseDynamicsModel.load(IDMConfig(model=path, adapter=str(tmp_path / "adapter")))
+    np.testing.assert_allclose(reloaded.score_batch(sources, targets, ACTIONS), trained, rtol=1e-5, atol=1e-5)
+    assert np.abs(trained - before).max() > 0.1  # the adapter is not a no-op
+
+
 def test_the_verifier_sees_a_candidate_at_its_sources_size_as_training_saw_pairs(family: tuple[str, str]) -> None:
     """A world model's candidate is its own square (256 px for InstructPix2Pix); the source keeps its aspect, and
     every pair the IDM trained on shared one size. The candidate is scored as if brought to the source's size, the
@@ -163,6 +188,7 @@ def test_the_verifier_sees_a_candidate_at_its_sources_size_as_training_saw_pairs
 # -- through the jobs' CLIs, with a real model profile ---------------------------------------------------------
 
 CLI_FAMILIES = ("llava", "qwen2_vl", "idefics3")
+"""Janus runs through the same jobs in tests/test_single_model.py, with its own profile (IDM adapter export)."""
 
 
 @pytest.fixture(scope="module")

@@ -174,3 +174,29 @@ def test_a_schedule_is_epochs_or_steps_and_the_global_batch_must_divide() -> Non
                                           r"use optim\.batch_size=6"):
         load(TrainWorldModelConfig, [REAL[0], ROOT / "configs/cluster/train_world_model_p4d.yaml"],
              ["scaling.num_workers=16"])
+
+
+def test_the_single_model_profile_is_one_base_with_an_idm_adapter_and_a_world_model_adapter() -> None:
+    """configs/real/janus_pro_7b_self.yaml, the paper's setting: every stage loads the same base; train_idm exports
+    the IDM's adapter, which annotate, evaluate, evaluate_idm and Serve's verifier load over the base; train_world_model
+    exports the world model's, which evaluate and Serve sample with."""
+    profile = ROOT / "configs" / "real" / "janus_pro_7b_self.yaml"
+    train_idm, train_wm = load(TrainIDMConfig, profile), load(TrainWorldModelConfig, profile)
+    base = train_idm.idm.model
+    assert base == train_wm.world_model.model == "deepseek-community/Janus-Pro-7B"
+    assert train_idm.idm.lora.enabled and train_idm.idm.lora_export == "adapter" and train_idm.idm.adapter is None
+    assert train_wm.world_model.backend == "token" and train_wm.world_model.lora.enabled
+    annotate, evaluate, serve = load(AnnotateConfig, profile), load(EvaluateConfig, profile), serve_config(
+        {"profile": str(profile)})
+    for cfg in (annotate, evaluate, load(EvaluateIDMConfig, profile), serve):
+        assert (cfg.idm.model, cfg.idm.adapter) == (base, train_idm.train.export), type(cfg).__name__
+        if hasattr(cfg, "world_model"):
+            assert cfg.world_model.model == base and cfg.world_model.backend == "token", type(cfg).__name__
+    assert evaluate.world_model.adapter == serve.world_model.adapter == train_wm.train.export
+
+
+def test_an_idm_adapter_export_needs_lora() -> None:
+    with pytest.raises(ConfigError, match="idm.lora_export=adapter.*idm.lora.enabled is false"):
+        load(TrainIDMConfig, REAL[0], ["idm.lora.enabled=false", "idm.lora_export=adapter"])
+    with pytest.raises(ConfigError, match="idm.lora_export.*merged, adapter"):
+        load(TrainIDMConfig, REAL[0], ["idm.lora_export=peft"])

@@ -27,9 +27,12 @@ EXPECTED = {  # class names, processor names, template markers, eos (end of turn
     "idefics3": ("Idefics3ForConditionalGeneration", "Idefics3Processor",
                  ["<|im_start|>User:<image><image>" + PROMPT + "<end_of_utterance>\nAssistant:"],
                  "<end_of_utterance>", "<image>", 49),
+    "janus": ("JanusForConditionalGeneration", "JanusProcessor",
+              ["<|User|>: <image_placeholder>\n\n<image_placeholder>\n" + PROMPT + "\n\n<|Assistant|>:"],
+              "<｜end▁of▁sentence｜>", "<image_placeholder>", 36),
 }
 FAMILY_KEYS = {"llava": set(), "qwen2_vl": {"image_grid_thw"}, "qwen2_5_vl": {"image_grid_thw"},
-               "idefics3": {"pixel_attention_mask"}}
+               "idefics3": {"pixel_attention_mask"}, "janus": set()}
 
 
 def _frames(n: int) -> list[Image.Image]:
@@ -90,7 +93,7 @@ def test_unknown_family_and_size_are_refused(tmp_path) -> None:
 
 
 @pytest.mark.parametrize(("family", "billions"), [("llava", 7.06), ("qwen2_vl", 2.21), ("qwen2_5_vl", 3.75),
-                                                  ("idefics3", 0.256)])
+                                                  ("idefics3", 0.256), ("janus", 2.08)])
 def test_real_sizes_have_published_parameter_counts(family: str, billions: float) -> None:
     """Real-size configs, built on the meta device (no memory): the parameter count is the published one."""
     config, processor = idm_parts(family, "real")

@@ -79,7 +79,8 @@ class WorldModelDeployment:
         _configure(self.sample, user_config, self.max_candidates, "WorldModel")
 
     def info(self) -> dict[str, Any]:
-        return {"model": self.cfg.model, "backend": self.cfg.backend, "resolution": self.model.resolution,
+        return {"model": self.cfg.model, "adapter": self.cfg.adapter, "backend": self.cfg.backend,
+                "resolution": self.model.resolution,
                 "device": str(self.model.device), "dtype": self.cfg.dtype, "calls": self.calls}
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01, batch_size_fn=lambda reqs: sum(r.n for r in reqs))
@@ -110,8 +111,8 @@ class VerifierDeployment:
         _configure(self.score, user_config, self.max_candidates, "Verifier")
 
     def info(self) -> dict[str, Any]:
-        return {"model": self.cfg.model, "device": str(self.model.device), "dtype": self.cfg.dtype,
-                "calls": self.calls}
+        return {"model": self.cfg.model, "adapter": self.cfg.adapter, "device": str(self.model.device),
+                "dtype": self.cfg.dtype, "calls": self.calls}
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01,
                  batch_size_fn=lambda reqs: sum(len(r.candidates) for r in reqs))

@@ -1,4 +1,4 @@
-"""Tiny randomly initialised checkpoints of real IDM model families (LLaVA-1.5, Qwen2-VL, Qwen2.5-VL, Idefics3).
+"""Tiny randomly initialised checkpoints of real IDM model families (LLaVA-1.5, Qwen2-VL, Qwen2.5-VL, Idefics3, Janus).
 
 Why: the production IDM (`cwm_ray/idm.py`) loads any image-text-to-text checkpoint by path through
 `AutoModelForImageTextToText` / `AutoProcessor`, and each family differs in ways a single toy model cannot show
@@ -8,6 +8,10 @@ these builders construct the *real* config, model, image/video processor and pro
 with the real special tokens and chat templates, and `save_pretrained` them into a directory that production
 code loads exactly like a downloaded checkpoint. Only the tokenizer is simplified: a word-level
 `PreTrainedTokenizerFast` over the toy world's words, the prompt words and the chat templates' words.
+
+Janus (`JanusForConditionalGeneration`, its understanding path: SigLIP + aligner → Llama → text) is the one family
+that is also a world model: its checkpoint is `cwm_ray.tiny.world_model.build_tiny_janus`'s, the same directory
+for both roles, as the paper uses one model as IDM and world model (configs/real/janus_pro_7b_self.yaml).
 
 `size="tiny"`: a few layers at hidden 32-64, so a batch of two 224 px frame pairs runs forward+backward on CPU
 in well under a second. `size="real"`: the published architecture sizes (LLaVA-1.5-7B, Qwen2-VL-2B-Instruct,
@@ -32,6 +36,7 @@ from transformers import (
     Idefics3ImageProcessor,
     Idefics3Processor,
     Idefics3VisionConfig,
+    JanusForConditionalGeneration,
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
@@ -50,9 +55,10 @@ from transformers import (
     Qwen2VLVideoProcessor,
 )
 
+from cwm_ray.tiny.world_model import build_tiny_janus, janus_parts
 from cwm_ray.toyworld.tokenizer import WORDS
 
-IDM_FAMILIES: tuple[str, ...] = ("llava", "qwen2_vl", "qwen2_5_vl", "idefics3")
+IDM_FAMILIES: tuple[str, ...] = ("llava", "qwen2_vl", "qwen2_5_vl", "idefics3", "janus")
 """Families `build_tiny_idm` knows; each is one real `*ForConditionalGeneration` class."""
 
 SIZES: tuple[str, ...] = ("tiny", "real")
@@ -354,10 +360,12 @@ def idefics3_parts(size: str = "tiny") -> tuple[Idefics3Config, Idefics3Processo
 
 _PARTS: dict[str, Callable[[str], tuple[PretrainedConfig, ProcessorMixin]]] = {
     "llava": llava_parts, "qwen2_vl": qwen2_vl_parts, "qwen2_5_vl": qwen2_5_vl_parts, "idefics3": idefics3_parts,
+    "janus": janus_parts,
 }
 MODEL_CLASSES: dict[str, type[PreTrainedModel]] = {
     "llava": LlavaForConditionalGeneration, "qwen2_vl": Qwen2VLForConditionalGeneration,
     "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration, "idefics3": Idefics3ForConditionalGeneration,
+    "janus": JanusForConditionalGeneration,
 }
 """The real class each family's checkpoint loads as through `AutoModelForImageTextToText`."""
 
@@ -451,4 +459,8 @@ def build_tiny_idm(family: str, directory: str, *, size: str = "tiny", seed: int
     if (hidden_size is None) != (num_layers is None):
         raise ValueError("give both hidden_size and num_layers, or neither")
     lm = None if hidden_size is None or num_layers is None else (hidden_size, num_layers)
+    if family == "janus":  # one checkpoint for both roles: the world model's builder writes it
+        if lm is not None:
+            raise ValueError("hidden_size / num_layers do not resize janus (its aligners project into the LM's width)")
+        return build_tiny_janus(directory, size=size, seed=seed)
     return _save(family, directory, size, seed, lm)

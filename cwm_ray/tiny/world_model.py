@@ -42,24 +42,30 @@ image), cheap to sample autoregressively on CPU while keeping the real factor (J
 
 
 def _word_tokenizer(bos: str, eos: str, pad: str, unk: str, extra: list[str], add_eos: bool,
-                    model_max_length: int, **named: str) -> PreTrainedTokenizerFast:
-    """A word-level fast tokenizer over the toy words with the given specials and post-processor.
+                    model_max_length: int, words: list[str] | None = None, padding_side: str = "right",
+                    **named: str) -> PreTrainedTokenizerFast:
+    """A word-level fast tokenizer over the toy words (and `words`) with the given specials and post-processor.
 
     `add_eos`: CLIP wraps text as bos … eos (its text model pools at eos); Llama-style tokenizers prepend bos.
-    `named` are model-specific special tokens (Janus's processor reads `tokenizer.image_token`, …).
+    `named` are model-specific special tokens (Janus's processor reads `tokenizer.image_token`, …); every `extra`
+    token is special, so it stays one token (`<|User|>` is not split at its punctuation).
     """
     from cwm_ray.toyworld.tokenizer import WORDS
 
     specials = list(dict.fromkeys([pad, unk, bos, eos, *extra]))
-    vocab = {tok: i for i, tok in enumerate(specials + WORDS)}
+    vocab = {tok: i for i, tok in enumerate(specials + [w for w in dict.fromkeys(WORDS + (words or []))
+                                                        if w not in specials])}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=unk))
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
     ids = [(bos, vocab[bos]), (eos, vocab[eos])]
     template = f"{bos} $A {eos}" if add_eos else f"{bos} $A"
     tok.post_processor = processors.TemplateProcessing(single=template, special_tokens=ids)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=pad, unk_token=unk,
-                                   extra_special_tokens=named or extra or None, clean_up_tokenization_spaces=False)
+                                   extra_special_tokens=named or extra or None, clean_up_tokenization_spaces=False,
+                                   padding_side=padding_side)
     fast.model_max_length = model_max_length
+    if named:  # the unnamed extras as special tokens too (their ids are already in the vocabulary)
+        fast.add_tokens([t for t in extra if t not in named.values()], special_tokens=True)
     return fast
 
 
@@ -138,21 +144,24 @@ def build_tiny_instruct_pix2pix(directory: str, *, resolution: int = 256, size: 
 
 
 # -- Janus -------------------------------------------------------------------------------------------------
-def janus_config(size: str = "tiny", vocab_size: int = 102400, image_token_id: int = 100581) -> Any:
+def janus_config(size: str = "tiny", vocab_size: int = 102400, image_token_id: int = 100581,
+                 token_ids: dict[str, int] | None = None) -> Any:
     """The `JanusConfig` of Janus-Pro-1B (`real`) or of a tiny Janus with the same VQ factor (`tiny`).
 
     Janus-Pro: a 24-layer Llama of width 2048, SigLIP-L at 384 px / patch 16, and a VQ with five levels (four
     2× downsamplings: 16×) and a 16384-entry codebook of dim 8, so 384 px is a 24×24 grid. Tiny: a 2-layer
     Llama of width 64 and a VQ of the same five levels at 32-128 channels over 256 codes, at
     `JANUS_TINY_SIDE` px. JanusConfig sets the VQ grid from the SigLIP side / patch, so both share the side.
+    `token_ids`: the tokenizer's bos/eos/pad ids for the Llama's config.
     """
     from transformers import JanusConfig, LlamaConfig
 
+    ids = token_ids or {}
     if size not in SIZES:
         raise ValueError(f"size must be one of {SIZES}; got {size!r}")
     if size == "real":
         text = LlamaConfig(vocab_size=vocab_size, hidden_size=2048, intermediate_size=5632, num_hidden_layers=24,
-                           num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=16384)
+                           num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=16384, **ids)
         vision = {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "image_size": 384,
                   "patch_size": 16, "projection_dim": 2048, "depth": 2, "num_image_tokens": 576}
         vq = {"embed_dim": 8, "num_embeddings": 16384, "latent_channels": 256, "base_channels": 128,
@@ -162,7 +171,7 @@ def janus_config(size: str = "tiny", vocab_size: int = 102400, image_token_id: i
         side, hidden = JANUS_TINY_SIDE, 64
         text = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-                           max_position_embeddings=512)
+                           max_position_embeddings=512, **ids)
         vision = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "image_size": side,
                   "patch_size": 16, "projection_dim": hidden, "mlp_ratio": 1.0, "depth": 1,
                   "num_image_tokens": (side // 16) ** 2}
@@ -174,28 +183,100 @@ def janus_config(size: str = "tiny", vocab_size: int = 102400, image_token_id: i
                        tie_word_embeddings=size != "real")
 
 
+JANUS_CHAT_TEMPLATE = (
+    # deepseek-community/Janus-Pro-1B / -7B, as transformers' convert_janus_weights_to_hf.py writes it (the original
+    # repo's "deepseek" conversation format): "<|User|>: <image_placeholder>\n...\n\n<|Assistant|>:", the
+    # assistant's turn closed by <｜end▁of▁sentence｜>, which is also the tokenizer's eos.
+    "{%set seps=['\n\n','<\uff5cend\u2581of\u2581sentence\uff5c>']%}"
+    "{%set i=0%}"
+    "{%for message in messages%}"
+    "{%if message['role']|lower=='user'%}"
+    "<|User|>: "
+    "{%elif message['role']|lower=='assistant'%}"
+    "<|Assistant|>:{%if not (loop.last and not add_generation_prompt and message['content'][0]['type']=='text' and "
+    "message['content'][0]['text']=='')%} {%endif%}"
+    "{%else%}"
+    "{{message['role'].capitalize()}}: "
+    "{%endif%}"
+    "{%for content in message['content']%}"
+    "{%if content['type']=='image'%}"
+    "{%if not loop.first%}{{'\n'}}{%endif%}"
+    "<image_placeholder>"
+    "{%if not loop.last%}{{'\n'}}{%endif%}"
+    "{%elif content['type']=='text'%}"
+    "{%set text=content['text']%}"
+    "{%if loop.first%}{%set text=text.lstrip()%}{%endif%}"
+    "{%if loop.last%}{%set text=text.rstrip()%}{%endif%}"
+    "{%if not loop.first and message['content'][loop.index0-1]['type']=='text'%}"
+    "{{' '+text}}"
+    "{%else%}"
+    "{{text}}"
+    "{%endif%}"
+    "{%endif%}"
+    "{%endfor%}"
+    "{%if not loop.last or add_generation_prompt%}"
+    "{%if message['role']|lower=='user'%}"
+    "{{seps[0]}}"
+    "{%else%}"
+    "{{seps[1]}}"
+    "{%endif%}"
+    "{%endif%}"
+    "{%endfor%}"
+    "{%if add_generation_prompt%}<|Assistant|>:{%endif%}"
+)
+JANUS_ROLES = ("<|User|>", "<|Assistant|>")
+"""The chat roles, special tokens of Janus-Pro's tokenizer (with `<image_placeholder>`, as its special_tokens_map
+lists them)."""
+
+
+def janus_parts(size: str = "tiny") -> tuple[Any, Any]:
+    """`JanusConfig` and `JanusProcessor` of a tiny (or Janus-Pro-1B-sized) Janus, as deepseek-community ships them.
+
+    The processor has the published chat template (`JANUS_CHAT_TEMPLATE`) and `use_default_system_prompt=True`
+    (text-mode prompts start with Janus's system prompt, whose words are in the tiny vocabulary), so the
+    understanding path (SigLIP + aligner → Llama → text: the IDM) gets Janus-Pro's own prompt; the text config
+    carries the tokenizer's bos/eos/pad ids. One checkpoint serves both roles (world model and IDM).
+    """
+    import re
+
+    from transformers import JanusImageProcessor, JanusProcessor
+    from transformers.models.janus.processing_janus import DEFAULT_SYSTEM_PROMPT
+
+    system_words = list(dict.fromkeys(re.findall(r"\w+|[^\w\s]", DEFAULT_SYSTEM_PROMPT)))
+    tokenizer = _word_tokenizer(JANUS_BOS, JANUS_EOS, pad=JANUS_PAD, unk="<unk>", extra=[IMAGE, BOI, EOI, *JANUS_ROLES],
+                                add_eos=False, model_max_length=16384, words=system_words, padding_side="left",
+                                image_token=IMAGE, boi_token=BOI, eoi_token=EOI)
+    real = size == "real"
+    config = janus_config(size, vocab_size=102400 if real else len(tokenizer),
+                          image_token_id=tokenizer.convert_tokens_to_ids(IMAGE),
+                          token_ids={"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+                                     "pad_token_id": tokenizer.pad_token_id})
+    side = config.vision_config.image_size
+    processor = JanusProcessor(image_processor=JanusImageProcessor(size={"height": side, "width": side}),
+                               tokenizer=tokenizer, chat_template=JANUS_CHAT_TEMPLATE, use_default_system_prompt=True,
+                               num_image_tokens=config.vision_config.num_image_tokens)
+    return config, processor
+
+
 def build_tiny_janus(directory: str, *, size: str = "tiny", seed: int = 0) -> str:
     """A random `JanusForConditionalGeneration` + `JanusProcessor` saved to `directory`; returns the directory.
 
     The VQ is random (a codebook is learnt in a training of its own; the toy token model constructs one, this
     one is a stand-in for a real checkpoint's), so decoded images are noise at the native side. The tokenizer
-    has Janus's special tokens: bos/eos/pad as DeepSeek-LLM spells them and <begin_of_image>,
-    <end_of_image>, <image_placeholder>. Tiny: 3.5 M parameters (most in the VQ), 96 px (`JANUS_TINY_SIDE`).
+    has Janus's special tokens: bos/eos/pad as DeepSeek-LLM spells them, <begin_of_image>, <end_of_image>,
+    <image_placeholder> and the chat roles; the processor has Janus-Pro's chat template (`janus_parts`), so the
+    same directory loads as the token world model and as an IDM. Tiny: 3.5 M parameters (most in the VQ), 96 px
+    (`JANUS_TINY_SIDE`).
     """
-    from transformers import JanusForConditionalGeneration, JanusImageProcessor, JanusProcessor
+    from transformers import GenerationConfig, JanusForConditionalGeneration
 
-    tokenizer = _word_tokenizer(JANUS_BOS, JANUS_EOS, pad=JANUS_PAD, unk="<unk>", extra=[IMAGE, BOI, EOI],
-                                add_eos=False, model_max_length=16384,
-                                image_token=IMAGE, boi_token=BOI, eoi_token=EOI)
-    real = size == "real"
-    config = janus_config(size, vocab_size=102400 if real else len(tokenizer),
-                          image_token_id=tokenizer.convert_tokens_to_ids(IMAGE))
+    config, processor = janus_parts(size)
+    tok = processor.tokenizer
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = JanusForConditionalGeneration(config)
-    side = config.vision_config.image_size
-    processor = JanusProcessor(image_processor=JanusImageProcessor(size={"height": side, "width": side}),
-                               tokenizer=tokenizer, num_image_tokens=config.vision_config.num_image_tokens)
+    model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                               pad_token_id=tok.pad_token_id)
     model.save_pretrained(directory, safe_serialization=True)
     processor.save_pretrained(directory)
     return str(directory)

@@ -73,6 +73,7 @@ def test_idm_actions_explain_the_test_pairs(trained: dict[str, Path]) -> None:
     summary = evaluate_idm(EvaluateIDMConfig(
         bench=str(trained["corpus"] / "gold" / "test.json"), idm=IDMConfig(model=str(trained["idm"]), device="cpu"),
         output=str(trained["root"] / "eval_idm")))
+    print(f"IDM: {summary['explains']:.1%} of {summary['items']} held-out pairs explained")
     assert summary["items"] == len(_test_items(trained["corpus"])) == TEST_PAIRS
     assert summary["explains"] >= 0.9, summary
 
@@ -140,6 +141,7 @@ def test_best_of_4_verified_by_the_idm_beats_one_sample(trained: dict[str, Path]
          f"idm.model={trained['idm']}", "best_of=[1,4]", "max_items=20", f"output={out}", "report_examples=0")
     overall = json.loads((out / "results.json").read_text())["summary"]["overall"]
     score = {r["best_of"]: r["toy_score"] for r in overall if r["system"] == "world_model"}
+    print(f"toy judge, best of 1 and 4: {score}")
     assert score[4] - score[1] >= 0.5, score
 
 

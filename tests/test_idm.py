@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -149,8 +150,10 @@ def test_loads_and_saves_on_s3(tiny_dir: str, s3_bucket: str, tmp_path: Path, mo
 
 
 def test_a_missing_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises((OSError, FileNotFoundError, ValueError)):
-        InverseDynamicsModel.load(_cfg(str(tmp_path / "nope")))
+    """A path that is not there says so and names it (from_pretrained would take it for a malformed hub id)."""
+    missing = str(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match=rf"^no model directory at {re.escape(missing)}$"):
+        InverseDynamicsModel.load(_cfg(missing))
 
 
 def test_a_trained_toy_idm_prefers_the_true_target(tmp_path: Path) -> None:

@@ -401,7 +401,8 @@ def check_prompt(cfg: IDMConfig) -> str:
     except (ValueError, RuntimeError, IndexError, TypeError) as exc:
         raise ConfigError(f"idm.model={cfg.model}: its processor cannot encode the IDM prompt {prompt!r} with "
                           f"{images} images ({str(exc).splitlines()[0]}): {how}") from None
-    image_id = getattr(processor, "image_token_id", None) or getattr(config, "image_token_id", None)
+    image_id = getattr(processor, "image_token_id", None)
+    image_id = getattr(config, "image_token_id", None) if image_id is None else image_id
     if image_id is not None and not bool((ids == image_id).any()):
         raise ConfigError(f"idm.model={cfg.model}: the IDM prompt {prompt!r} holds no image placeholder its "
                           f"processor expands, so the model would never see the frames: {how}")

@@ -62,6 +62,12 @@ ERRORS_SCHEMA = ERROR_SCHEMA.append(pa.field("transient", pa.bool_()))
 RAY_DATA_STATS = "ray_data_stats.txt"
 """output/ray_data_stats.txt: Ray Data's per-operator stats of the last run (wall and CPU time, blocks, rows, and
 how long each operator was blocked or backpressured)."""
+DROP_STAGE = "idm"
+"""`stage` of a staged pair row the IDM stage dropped (its `error_type` is the reason, e.g. EMPTY_ACTION): counted in
+summary.json's `dropped`, never written to pairs/ or triplets/, and not an error of its video (errors/)."""
+EMPTY_ACTION = "EmptyAction"
+"""The reason for a pair whose generated action is empty after decoding (the IDM stopped at once, or generated only
+special tokens): a pair without an action cannot train a world model."""
 TAR_SEP = "#"
 T = TypeVar("T")
 INCOMPLETE = ".incomplete"
@@ -307,13 +313,18 @@ class IDMLabeler:
         _inject_fault(self.cfg, "idm")
         ok = pc.is_null(batch.column("error_type")).to_pylist()
         rows = [i for i, good in enumerate(ok) if good]
-        cols = {name: batch.column(name).to_pylist() for name in ("action", "logprob", "num_tokens", "action_class")}
+        cols = {name: batch.column(name).to_pylist() for name in ("action", "logprob", "num_tokens", "action_class",
+                                                                  "error_type", "stage", "message", "transient")}
         if rows:
             src, tgt = batch.column("source").to_pylist(), batch.column("target").to_pylist()
             start = time.time()
             labels = self.idm.label([src[i] for i in rows], [tgt[i] for i in rows])
             report(self.clock, "add", "idm", start, time.time(), len(rows))
             for i, lab in zip(rows, labels, strict=True):
+                if not lab.action:  # EOS first, or only special tokens: no action to learn from; dropped, counted
+                    cols["error_type"][i], cols["stage"][i], cols["transient"][i] = EMPTY_ACTION, DROP_STAGE, False
+                    cols["message"][i] = f"the IDM generated no action text ({lab.num_tokens} tokens)"
+                    continue
                 cols["action"][i], cols["logprob"][i], cols["num_tokens"][i] = lab.action, lab.logprob, lab.num_tokens
                 cols["action_class"][i] = action_class(lab.action, self.filter_cfg)
         return _replace_columns(batch, cols)
@@ -456,9 +467,11 @@ def finished_mask(index: pa.Table) -> pa.ChunkedArray:
     """Per staged row: is its video finished? `finished_videos` as Arrow group-bys, for finalize at scale.
 
     A video is finished when it has a permanent error row, or as many distinct pair ids as it produced
-    (`video_pairs`); a transient error row finishes nothing.
+    (`video_pairs`); a transient error row finishes nothing. A pair the IDM stage dropped (`DROP_STAGE`) is one
+    of its video's pairs, not an error of the video: its siblings in a lost staging file are still redone.
     """
-    ok = pc.is_null(index.column("error_type"))
+    dropped = pc.equal(pc.fill_null(index.column("stage"), ""), DROP_STAGE)
+    ok = pc.or_(pc.is_null(index.column("error_type")), dropped)
     permanent = pc.and_(pc.invert(ok), pc.invert(pc.fill_null(index.column("transient"), False)))
     pairs = index.filter(ok).group_by("video_uri", use_threads=False).aggregate(
         [("id", "count_distinct"), ("video_pairs", "max")])
@@ -572,8 +585,11 @@ def finalize(cfg: AnnotateConfig, index: pa.Table, files: list[str]) -> dict[str
     """
     unique, videos_done = _unique_rows(index)
     is_err = pc.invert(pc.is_null(unique.column("error_type")))
+    is_drop = pc.and_(is_err, pc.equal(pc.fill_null(unique.column("stage"), ""), DROP_STAGE))
     pairs_idx = unique.filter(pc.invert(is_err))
-    all_errors = unique.filter(is_err).select(["video_uri", "stage", "error_type", "message", "transient"])
+    dropped = unique.filter(is_drop)
+    all_errors = unique.filter(pc.and_(is_err, pc.invert(is_drop))).select(
+        ["video_uri", "stage", "error_type", "message", "transient"])
     all_errors = all_errors.set_column(4, "transient", pc.fill_null(all_errors.column("transient"), False))
     errors = all_errors.filter(pc.invert(all_errors.column("transient")))
     retry = all_errors.filter(all_errors.column("transient"))
@@ -610,7 +626,7 @@ def finalize(cfg: AnnotateConfig, index: pa.Table, files: list[str]) -> dict[str
             "shot_cuts": pc.sum(cuts.column("video_cuts_max")).as_py() or 0,
             "errors": errors.num_rows, "error_types": _counts(errors.column("error_type")),
             "transient_errors": retry.num_rows, "transient_error_types": _counts(retry.column("error_type")),
-            "corpora": _corpora(pairs_idx, kept)}
+            "dropped": _counts(dropped.column("error_type")), "corpora": _corpora(pairs_idx, kept)}
 
 
 def _write_items(uri: str, batches: Any, cfg: AnnotateConfig) -> None:
@@ -747,6 +763,9 @@ def annotate(cfg: AnnotateConfig) -> dict[str, Any]:
     cfg = dataclasses.replace(cfg, idm=storage.with_local_paths(cfg.idm),
                               world_model=storage.with_local_paths(cfg.world_model))
     storage.configure(cfg.storage)
+    from cwm_ray.idm import check_prompt  # torch and transformers: only in the driver that runs the pipeline
+
+    check_prompt(cfg.idm)  # a checkpoint that cannot prompt fails here, not in the IDM actors after decoding began
     videos = list_videos(cfg)
     index, _ = read_staging(cfg, INDEX_COLUMNS)
     done = finished_videos(index)
@@ -829,6 +848,8 @@ def print_summary(summary: dict[str, Any]) -> None:
           f"{summary['pairs']} pairs, {summary['triplets']} triplets kept, {summary['errors']} errors "
           f"{summary['error_types'] or ''}; {summary['shot_cuts']} shot cuts (never a pair); "
           f"{summary['pairs_per_s']} pairs/s")
+    if summary["dropped"]:
+        print(f"[annotate] pairs dropped by the IDM stage, by reason: {summary['dropped']}")
     if summary["transient_errors"]:
         print(f"[annotate] {summary['transient_errors']} videos failed transiently {summary['transient_error_types']}"
               " and are not finished: re-run into the same output to retry them (errors/errors.parquet, transient)")

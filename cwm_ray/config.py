@@ -441,7 +441,8 @@ def _default_path(default_config: str | None) -> Path | None:
 
 def run_job(main: Any, cls: type[T], default_config: str | None = None) -> None:
     """Entry point helper for `jobs/*.py`: config errors, and toy values where they cannot be meant
-    (`check_toy_values`), are one clear line and exit code 2, before anything starts."""
+    (`check_toy_values`), are one clear line and exit code 2, before anything starts; so is a ConfigError the
+    job's driver raises itself (e.g. annotation's check of the IDM's prompt)."""
     try:
         cfg = parse_cli(cls, default_config=default_config)
         for warning in check_toy_values(cfg):
@@ -453,7 +454,11 @@ def run_job(main: Any, cls: type[T], default_config: str | None = None) -> None:
         # No cluster to join: `ray.init()` starts a private one on this machine, for which Ray 2.60's
         # token auth only gets in the way. Jobs submitted to a cluster (RAY_ADDRESS set) keep its setting.
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    main(cfg)
+    try:
+        main(cfg)
+    except ConfigError as exc:  # found by the driver's own checks once the job began (before any worker's)
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 OUTPUT_FIELDS = ("output", "storage_path", "export")

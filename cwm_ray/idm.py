@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import os
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ from transformers import (
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaProcessor,
+    PretrainedConfig,
     PreTrainedModel,
     ProcessorMixin,
 )
@@ -72,37 +74,14 @@ class InverseDynamicsModel:
         self.processor = processor
         self.cfg = cfg
         self.tokenizer = processor.tokenizer
-        # LLaVA-style processors name their placeholder `image_token`; it is what `{image}` becomes.
-        image_token = getattr(processor, "image_token", None) or "<image>"
         vision = getattr(model.config, "vision_config", None)
-        # A vision tower with 6·(1 + 4r) input channels embeds the frame pair as one tubelet (as video ViTs
-        # embed 2 frames per tubelet), widened to a cross of patches r away (`patch_neighbourhood`): the pair
-        # is one image, so the prompt keeps only its first placeholder.
         self.reach = tubelet_reach(getattr(vision, "num_channels", 3))
         self.patch_size: int = getattr(vision, "patch_size", 1)
-        self.chat_template = bool(getattr(processor, "chat_template", None)) and not self.tubelet
-        self.prompt = self._prompt(cfg.prompt, image_token)
+        self.chat_template = uses_chat_template(processor, model.config)
+        self.prompt = build_prompt(cfg.prompt, processor, model.config, cfg.model)
         self.eos_token_id: int = self.tokenizer.eos_token_id
         pad = self.tokenizer.pad_token_id
         self.pad_token_id: int = self.eos_token_id if pad is None else pad
-
-    def _prompt(self, template: str, image_token: str) -> str:
-        """The prompt text before the processor expands image placeholders.
-
-        With a chat template, `{image}` markers only say how many images there are: each becomes an image
-        entry of the user turn, in order, and the rest of the template is the question. Without one the
-        template is used as written.
-        """
-        images = 1 if self.tubelet else max(1, template.count("{image}"))
-        if self.chat_template:
-            question = " ".join(template.replace("{image}", " ").split())
-            content = [{"type": "image"}] * images + [{"type": "text", "text": question}]
-            return self.processor.apply_chat_template(
-                [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
-        if self.tubelet:
-            head, sep, tail = template.partition("{image}")
-            template = head + sep + tail.replace("{image}", "")
-        return template.replace("{image}", image_token)
 
     @property
     def tubelet(self) -> bool:
@@ -339,6 +318,112 @@ class _IDMLoss(torch.nn.Module):
         return self.model(**batch).loss  # transformers' causal-LM loss: shifted, mean over labels != -100
 
 
+# -- the prompt -------------------------------------------------------------------------------------------
+
+
+def _tubelet_config(config: PretrainedConfig) -> bool:
+    """A vision tower with 6·(1 + 4r) input channels embeds the frame pair as one tubelet (as video ViTs embed 2
+    frames per tubelet), widened to a cross of patches r away (`patch_neighbourhood`): the pair is one image."""
+    return tubelet_reach(getattr(getattr(config, "vision_config", None), "num_channels", 3)) is not None
+
+
+def uses_chat_template(processor: ProcessorMixin, config: PretrainedConfig) -> bool:
+    return bool(getattr(processor, "chat_template", None)) and not _tubelet_config(config)
+
+
+def image_marker(processor: ProcessorMixin, config: PretrainedConfig, model: str) -> str:
+    """What each `{image}` of a raw prompt (no chat template) becomes: the processor's placeholder (LLaVA's and
+    Idefics3's `<image>`, which their processors expand), wrapped in the model's vision start and end tokens when
+    its config names them, as the family's chat template writes them.
+
+    Why the wrapping: Qwen2-VL and Qwen2.5-VL find each image by its `<|vision_start|>`; a bare `<|image_pad|>`
+    made `generate` fail deep in `get_rope_index` ("shape mismatch: value tensor of shape [3, 74] cannot be
+    broadcast to indexing result of shape [3, 138]"). A placeholder the tokenizer does not know is a ConfigError
+    naming the fix, raised when the IDM loads (and, for annotation, in the driver before any video is read).
+    """
+    token = getattr(processor, "image_token", None) or "<image>"
+    token = str(getattr(token, "content", token))  # Idefics3 keeps an AddedToken
+    tok = processor.tokenizer
+    if tok.convert_tokens_to_ids(token) in (None, tok.unk_token_id):
+        raise ConfigError(
+            f"idm.model={model} has no chat template and its tokenizer does not know the image placeholder {token!r}, "
+            "so the prompt cannot mark where the two frames go: use a checkpoint whose processor has its family's "
+            "chat template (the published instruct checkpoints ship chat_template.jinja), or save one with it "
+            "(processor.chat_template = <the family's template>; processor.save_pretrained(<dir>))")
+    start, end = (getattr(config, f"vision_{k}_token_id", None) for k in ("start", "end"))
+    if start is not None and end is not None:
+        token = f"{tok.convert_ids_to_tokens(start)}{token}{tok.convert_ids_to_tokens(end)}"
+    return token
+
+
+def build_prompt(template: str, processor: ProcessorMixin, config: PretrainedConfig, model: str) -> str:
+    """The prompt text before the processor expands image placeholders.
+
+    With a chat template, `{image}` markers only say how many images there are: each becomes an image entry of
+    the user turn, in order, and the rest of the template is the question. Without one the template is used as
+    written, each `{image}` replaced by `image_marker`; a tubelet model (the toy) takes the pair as one image,
+    so only the first `{image}` is kept.
+    """
+    tubelet = _tubelet_config(config)
+    if uses_chat_template(processor, config):
+        question = " ".join(template.replace("{image}", " ").split())
+        content = [{"type": "image"}] * max(1, template.count("{image}")) + [{"type": "text", "text": question}]
+        return processor.apply_chat_template(
+            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
+    if tubelet:
+        head, sep, tail = template.partition("{image}")
+        template = head + sep + tail.replace("{image}", "")
+    return template.replace("{image}", image_marker(processor, config, model))
+
+
+def _small_files_dir(uri: str, directory: str) -> str:
+    """An s3:// checkpoint's files without its weights, copied into `directory` (config, processor, tokenizer)."""
+    prefix = uri.rstrip("/") + "/"
+    for file in storage.list_files(uri):
+        if file.endswith((".safetensors", ".bin", ".pt", ".pth", ".gguf")):
+            continue
+        local = os.path.join(directory, file[len(prefix):])
+        os.makedirs(os.path.dirname(local), exist_ok=True)
+        with open(local, "wb") as f:
+            f.write(storage.read_bytes(file))
+    return directory
+
+
+def check_prompt(cfg: IDMConfig) -> str:
+    """The IDM's prompt for `cfg.model`, built from its config and processor alone (no weights), and encoded once
+    with two small frames: a ConfigError naming the fix when it cannot be (no chat template and no image marker
+    the tokenizer knows; a processor that rejects the raw prompt; a prompt whose placeholders it does not expand).
+
+    Annotation calls it in the driver, so a checkpoint that cannot prompt fails in a second, before any video is
+    read, and not in the IDM actors after decoding has started.
+    """
+    if cfg.model == TOY:
+        return cfg.prompt
+    with tempfile.TemporaryDirectory() as tmp:
+        path = _small_files_dir(cfg.model, tmp) if storage.is_s3(cfg.model) else storage.local_dir(cfg.model)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+        processor = AutoProcessor.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    prompt = build_prompt(cfg.prompt, processor, config, cfg.model)
+    if _tubelet_config(config):
+        return prompt
+    frame = Image.new("RGB", (64, 64), (128, 128, 128))
+    images = max(1, cfg.prompt.count("{image}"))
+    how = ("give the checkpoint its family's chat template (processor.chat_template = <template>; "
+           "processor.save_pretrained(<dir>))" if not uses_chat_template(processor, config) else
+           "check idm.prompt's {image} markers")
+    try:
+        ids = processor(text=[prompt], images=[[frame] * images], return_tensors="pt")["input_ids"]
+    except (ValueError, RuntimeError, IndexError, TypeError) as exc:
+        raise ConfigError(f"idm.model={cfg.model}: its processor cannot encode the IDM prompt {prompt!r} with "
+                          f"{images} images ({str(exc).splitlines()[0]}): {how}") from None
+    image_id = getattr(processor, "image_token_id", None)
+    image_id = getattr(config, "image_token_id", None) if image_id is None else image_id
+    if image_id is not None and not bool((ids == image_id).any()):
+        raise ConfigError(f"idm.model={cfg.model}: the IDM prompt {prompt!r} holds no image placeholder its "
+                          f"processor expands, so the model would never see the frames: {how}")
+    return prompt
+
+
 # -- helpers ------------------------------------------------------------------------------------------------
 
 
@@ -507,6 +592,6 @@ def build_toy_idm(
 
 
 __all__ = [
-    "DTYPES", "InverseDynamicsModel", "Label", "build_toy_idm", "neighbourhood_offsets", "patch_neighbourhood",
-    "tubelet_reach",
+    "DTYPES", "InverseDynamicsModel", "Label", "build_prompt", "build_toy_idm", "check_prompt", "image_marker",
+    "neighbourhood_offsets", "patch_neighbourhood", "tubelet_reach",
 ]

@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import ray
+import torch
 
 from cwm_ray import storage
 from cwm_ray.annotate import (
@@ -140,9 +141,11 @@ def test_summary_times_each_model_stage_and_ray_datas_stats_are_kept(first_run: 
     was ready before its first call, and the busy fractions are shares of the wall time; the run's Ray Data
     stats (where the time went, per operator) are kept beside the summary."""
     summary, out = first_run
+    dropped = sum(summary["dropped"].values())  # pairs whose generated action was empty never reach recognition
     for name in ("idm", "recognition"):
         stage = summary["stages"][name]
-        assert stage["pairs"] == summary["pairs"] and stage["actors_ready"] == 1, (name, stage)
+        expected = summary["pairs"] + (dropped if name == "idm" else 0)
+        assert stage["pairs"] == expected and stage["actors_ready"] == 1, (name, stage)
         assert 0 <= stage["first_ready_s"] <= stage["ready_s"] <= stage["first_call_s"], (name, stage)
         assert 0 < stage["busy_fraction"] <= stage["steady_busy_fraction"] <= 1, (name, stage)
     # full_batches: the pairs reach the IDM re-blocked to its batch size, so it is called with full batches and
@@ -393,3 +396,51 @@ def test_the_decode_stage_counts_each_videos_shot_cuts(assets: dict[str, Path], 
                          _cfg(assets, "unused")).to_pylist()
     cuts = {(Path(r["video_uri"]).name, r["video_cuts"]) for r in rows}
     assert cuts == {("cut.mp4", 1), (toy.name, 0)} and all(r["error_type"] is None for r in rows)
+
+
+def test_a_pair_whose_action_is_empty_is_dropped_and_counted_never_stored(ray_local: None, assets: dict[str, Path],
+                                                                          tmp_path: Path) -> None:
+    """An IDM whose generation decodes to nothing (here every token is `<pad>`: its LM head is zeroed, so greedy
+    picks id 0, a special token) labels no pair: each is dropped with its reason counted in summary.json, none is
+    written to pairs/ or triplets/, and the videos are finished (a re-run skips them). A random LLaVA once
+    stored such a pair, with action ''."""
+    from safetensors.torch import load_file, save_file
+
+    mute = tmp_path / "mute_idm"
+    shutil.copytree(assets["idm"], mute)
+    weights = load_file(mute / "model.safetensors")
+    [head] = [k for k in weights if k.endswith("lm_head.weight")]
+    weights[head] = torch.zeros_like(weights[head])
+    save_file(weights, mute / "model.safetensors", metadata={"format": "pt"})
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    video = sorted((assets["corpus"] / "videos").glob("*.mp4"))[0]
+    shutil.copy(video, videos / video.name)
+    out = tmp_path / "out"
+    args = (f"idm.model={mute}",)
+    summary = annotate(_cfg(assets, str(out), f"[{{name: toy, uri: {videos}}}]", *args))
+    labelled = summary["stages"]["idm"]["pairs"]
+    assert labelled > 0 and summary["dropped"] == {"EmptyAction": labelled}, summary
+    assert summary["pairs"] == summary["triplets"] == summary["errors"] == 0
+    assert not (out / "pairs").exists() and not (out / "triplets").exists()
+    assert json.loads((out / "summary.json").read_text())["dropped"] == {"EmptyAction": labelled}
+    again = annotate(_cfg(assets, str(out), f"[{{name: toy, uri: {videos}}}]", *args))
+    assert again["videos_skipped"] == 1 and again["dropped"] == summary["dropped"]
+
+
+def test_a_dropped_pair_does_not_finish_its_video_alone() -> None:
+    """A video is finished by a permanent error of the video, not by one of its pairs the IDM dropped: if the
+    staging file with its other pairs was lost (a killed run), the video must be redone."""
+    import pyarrow as pa
+
+    from cwm_ray.annotate import DROP_STAGE, EMPTY_ACTION, STAGING_SCHEMA, finished_mask
+
+    rows = [{"id": "a1", "video_uri": "a.mp4", "video_pairs": 2, "error_type": EMPTY_ACTION, "stage": DROP_STAGE,
+             "transient": False},  # its sibling a2 was in a staging file that never got written
+            {"id": "b1", "video_uri": "b.mp4", "video_pairs": 2, "error_type": EMPTY_ACTION, "stage": DROP_STAGE,
+             "transient": False},
+            {"id": "b2", "video_uri": "b.mp4", "video_pairs": 2},
+            {"id": "c", "video_uri": "c.mp4", "video_pairs": 0, "error_type": "NotAVideo", "stage": "decode",
+             "transient": False}]
+    index = pa.Table.from_pylist(rows, schema=STAGING_SCHEMA).select(INDEX_COLUMNS)
+    assert finished_mask(index).to_pylist() == [False, True, True, True]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from cwm_ray.config import IDMConfig, LoRAConfig, ToyWorldConfig
 from cwm_ray.idm import (
     InverseDynamicsModel,
     build_toy_idm,
+    check_prompt,
     neighbourhood_offsets,
     patch_neighbourhood,
     tubelet_reach,
@@ -141,6 +143,7 @@ def test_loads_and_saves_on_s3(tiny_dir: str, s3_bucket: str, tmp_path: Path, mo
     monkeypatch.setenv("CWM_RAY_CACHE", str(tmp_path / "cache"))  # a fresh download cache
     storage.upload_dir(tiny_dir, f"{s3_bucket}/idm")
     idm = InverseDynamicsModel.load(_cfg(f"{s3_bucket}/idm"))
+    assert check_prompt(_cfg(f"{s3_bucket}/idm")) == idm.prompt  # the driver's check reads config and processor only
     sources, targets, actions = _pairs(2, seed=4)
     expected = InverseDynamicsModel.load(_cfg(tiny_dir)).score_batch(sources, targets, actions)
     np.testing.assert_allclose(idm.score_batch(sources, targets, actions), expected, rtol=1e-5)
@@ -149,8 +152,10 @@ def test_loads_and_saves_on_s3(tiny_dir: str, s3_bucket: str, tmp_path: Path, mo
 
 
 def test_a_missing_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises((OSError, FileNotFoundError, ValueError)):
-        InverseDynamicsModel.load(_cfg(str(tmp_path / "nope")))
+    """A path that is not there says so and names it (from_pretrained would take it for a malformed hub id)."""
+    missing = str(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match=rf"^no model directory at {re.escape(missing)}$"):
+        InverseDynamicsModel.load(_cfg(missing))
 
 
 def test_a_trained_toy_idm_prefers_the_true_target(tmp_path: Path) -> None:

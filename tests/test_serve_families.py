@@ -1,6 +1,6 @@
 """Serve best-of-N on real families, through the openai client: each model profile's `serve` section with tiny
 random checkpoints of its real classes (InstructPix2Pix at 256 px, Janus) and a verifier of each IDM family
-(Qwen2-VL, SmolVLM/Idefics3, LLaVA).
+(Qwen2-VL, SmolVLM/Idefics3, LLaVA, Qwen2.5-VL).
 
 The app is built as `serve run cwm_ray.serve.app:build_app profile=configs/real/...` builds it, with only the
 model paths, device and step count overridden, so the profile's sizes (None = each checkpoint's own), prompt
@@ -37,8 +37,9 @@ REPO = Path(__file__).resolve().parents[1]
 PROFILES = {"instruct_pix2pix": ("configs/real/qwen25vl7b_ip2p.yaml", 256),
             "janus": ("configs/real/qwen25vl7b_janus_pro_1b.yaml", 96)}
 APPS = {"ip2p-qwen2vl": ("instruct_pix2pix", "qwen2_vl"), "janus-idefics3": ("janus", "idefics3"),
-        "ip2p-llava": ("instruct_pix2pix", "llava")}
-"""Each world-model family served, and each IDM family as its verifier: (world model, verifier) per app."""
+        "ip2p-llava": ("instruct_pix2pix", "llava"), "janus-qwen25vl": ("janus", "qwen2_5_vl")}
+"""Each world-model family served, and each IDM family as its verifier: (world model, verifier) per app; the last
+is the pair `configs/real/qwen25vl7b_janus_pro_1b.yaml` names."""
 ACTION = "remove the red circle"
 
 
@@ -68,8 +69,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     models |= {f: build_tiny_idm(f, str(root / f)) for _, f in APPS.values()}
     port = _free_port()
     os.environ["RAY_AUTH_MODE"] = "disabled"
-    # Three apps of three deployments (1 + 1 + 0.1 CPUs each): logical CPUs for all, whatever the machine's cores.
-    ray.init(num_cpus=7, include_dashboard=False)
+    # Four apps of three deployments (1 + 1 + 0.1 CPUs each): logical CPUs for all, whatever the machine's cores.
+    ray.init(num_cpus=9, include_dashboard=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         for app, (family, verifier) in APPS.items():

@@ -247,3 +247,33 @@ def test_the_oracle_labels_every_pair_that_shows_one_action() -> None:
     assert ground_truth_action(segments, first["start_frame"], second["end_frame"]) is None  # two actions
     assert ground_truth_action(segments, first["end_frame"], second["start_frame"] - 1) is None  # still frames
 
+
+
+def test_near_misses_are_valid_scenes_one_mistake_from_the_target() -> None:
+    """`near_misses`: the same edit on another object, the acted object in the wrong colour, the unchanged scene;
+    each differs from the true target and from the others, on every kind of action."""
+    from cwm_ray.toyworld.world import near_misses
+
+    cfg = ToyWorldConfig()
+    rng = random.Random(7)
+    kinds: set[str] = set()
+    for _ in range(300):
+        scene = random_scene(rng, cfg)
+        action = random_action(scene, rng, cfg)
+        target = apply(scene, action, cfg)
+        misses = near_misses(scene, action, cfg)
+        kinds.add(action.kind)
+        assert set(misses) == {"wrong_object", "wrong_colour", "unchanged"} and misses["unchanged"] == scene
+        assert len({target, *misses.values()}) == 4, (action.text(), misses)
+        for miss in misses.values():  # each is a scene of the world: unique objects, one per cell, on the board
+            assert len({(o.color, o.shape) for o in miss.objects}) == len({o.cell for o in miss.objects}) \
+                == len(miss.objects)
+        wrong = misses["wrong_colour"]  # the same cells, one object of another colour and the same shape
+        after = scene if action.kind == "remove" else target
+        assert sorted(o.cell for o in wrong.objects) == sorted(o.cell for o in after.objects)
+        changed = [(a, b) for a, b in zip(after.objects, wrong.objects, strict=True) if a != b]
+        assert len(changed) == 1 and changed[0][0].shape == changed[0][1].shape != "" \
+            and changed[0][0].color != changed[0][1].color
+        edited = {o for o in misses["wrong_object"].objects} ^ set(scene.objects)  # what the wrong edit touched
+        assert edited and not edited & ({o for o in target.objects} ^ set(scene.objects)), action.text()
+    assert kinds == {"move", "remove", "add", "recolor", "put"}

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import ray
+import torch
+from safetensors.torch import load_file
 
 from cwm_ray import storage
 from cwm_ray.config import (
@@ -66,6 +69,17 @@ def test_idm_resumes_after_a_worker_dies_and_checkpoints_land_on_s3(
     assert any(f.endswith("state.json") for f in files)
     idm = InverseDynamicsModel.load(IDMConfig(model=str(tmp_path / "export")))
     assert len(idm.label([_png()], [_png()])) == 1
+    # DeepSpeed's resume restores every tensor (weights, ZeRO-2's optimizer partitions, schedule, random states):
+    # the killed run ends where a run that never stopped does. Before this check, a resume that loaded nothing
+    # would also have passed here (the step count and `resumed_from` come from state.json, not the engine).
+    plain = train(load(TrainIDMConfig, None, [f"idm.model={model_dir}", "train.name=idm_plain", "optim.max_steps=10",
+                                              "train.checkpoint_every=4", "optim.lr=1e-3", "deepspeed.bf16_cpu=true",
+                                              *_common(tmp_path, gold, str(tmp_path / "runs")),
+                                              f"train.export={tmp_path / 'plain'}"]))
+    killed_checkpoint = tmp_path / "killed_checkpoint"
+    storage.download_dir(f"s3://{summary['checkpoint']}", killed_checkpoint)
+    assert_resumed_like_uninterrupted(plain, summary, (tmp_path / "plain", tmp_path / "export"),
+                                      (Path(plain["checkpoint"]), killed_checkpoint))
 
 
 def _png() -> bytes:
@@ -348,15 +362,52 @@ def test_a_corrupt_or_partial_checkpoint_is_detected_not_loaded(ray_local: None,
         train(load(TrainWorldModelConfig, None, [*args, "optim.max_steps=8"]))
 
 
+def _leaves(obj: object, prefix: str = "") -> dict[str, object]:
+    """Every tensor and scalar of a (nested) checkpoint object, by its path in it."""
+    if isinstance(obj, dict):
+        return {k: v for key, value in obj.items() for k, v in _leaves(value, f"{prefix}/{key}").items()}
+    if isinstance(obj, list | tuple):
+        return {k: v for i, value in enumerate(obj) for k, v in _leaves(value, f"{prefix}/{i}").items()}
+    if isinstance(obj, np.ndarray):
+        return {prefix: torch.from_numpy(obj)}
+    return {prefix: obj} if isinstance(obj, torch.Tensor | int | float | bool | str) or obj is None else {}
+
+
+def assert_resumed_like_uninterrupted(plain: dict, killed: dict, exports: tuple[Path, Path],
+                                      checkpoints: tuple[Path, Path]) -> None:
+    """A run killed and resumed ends exactly where one that never stopped does: every exported tensor, every
+    tensor and scalar of the final checkpoint's engine state (DeepSpeed's model states and each rank's ZeRO
+    optimizer partition; DDP's state) and of each rank's random states, and the loss history.
+
+    Shared by the resume tests of both engines and all three trainers (IDM, diffusion and token world models)."""
+    assert plain["steps"] == killed["steps"] and killed["resumed_from"] and plain["resumed_from"] == []
+    files = sorted(p.relative_to(exports[0]) for p in exports[0].rglob("*.safetensors"))
+    assert files and files == sorted(p.relative_to(exports[1]) for p in exports[1].rglob("*.safetensors"))
+    for name in files:
+        a, b = load_file(exports[0] / name), load_file(exports[1] / name)
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=f"{name}:{k}")
+    states = sorted(p.relative_to(checkpoints[0]) for p in checkpoints[0].rglob("*.pt"))
+    assert states and states == sorted(p.relative_to(checkpoints[1]) for p in checkpoints[1].rglob("*.pt"))
+    for name in states:  # our own checkpoints, checked against their manifests before any load (weights_only=False)
+        a, b = (_leaves(torch.load(c / name, weights_only=False, map_location="cpu")) for c in checkpoints)
+        assert a.keys() == b.keys(), name
+        for k in a:
+            if isinstance(a[k], torch.Tensor):
+                torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=f"{name}:{k}")
+            else:
+                assert b[k] == a[k], (name, k)
+    assert [m["loss"] for m in killed["history"]] == pytest.approx([m["loss"] for m in plain["history"]], rel=1e-5)
+
+
 @pytest.mark.fault
 def test_ddp_resume_after_a_worker_dies_ends_with_the_uninterrupted_weights(ray_local: None, gold: str,
                                                                             tmp_path: Path) -> None:
-    """`deepspeed.enabled=false`: a worker killed mid-epoch, then resumed, ends with the weights of a run that
-    never stopped. Before, DDP restored the optimizer and schedule but not the model, so a resume trained on
-    from the initial weights (and replayed other batches, under other random draws)."""
-    import torch
-    from safetensors.torch import load_file
-
+    """`deepspeed.enabled=false`: a worker killed mid-epoch, then resumed, ends with the weights (and optimizer,
+    schedule and random states) of a run that never stopped. Before, DDP restored the optimizer and schedule but
+    not the model, so a resume trained on from the initial weights (and replayed other batches, under other random
+    draws). DeepSpeed's resume is checked the same way by the IDM's test above and the token world model's."""
     from cwm_ray.train import train
     from cwm_ray.world_model import build_toy_world_model
 
@@ -371,14 +422,8 @@ def test_ddp_resume_after_a_worker_dies_ends_with_the_uninterrupted_weights(ray_
     killed = train(load(TrainWorldModelConfig, None, [*args, "train.name=killed", "train.fail_at_step=5",
                                                       f"train.export={tmp_path / 'b'}"]))
     assert plain["steps"] == killed["steps"] == 6 and killed["resumed_from"] == [3] and plain["resumed_from"] == []
-    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.safetensors"))
-    assert files
-    for name in files:
-        a, b = load_file(tmp_path / "a" / name), load_file(tmp_path / "b" / name)
-        assert a.keys() == b.keys()
-        for k in a:
-            torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=f"{name}:{k}")
-    assert [m["loss"] for m in killed["history"]] == pytest.approx([m["loss"] for m in plain["history"]], rel=1e-5)
+    assert_resumed_like_uninterrupted(plain, killed, (tmp_path / "a", tmp_path / "b"),
+                                      (Path(plain["checkpoint"]), Path(killed["checkpoint"])))
 
 
 def test_the_token_backend_gets_its_own_run_and_export_by_default() -> None:

@@ -252,6 +252,46 @@ def random_action(
     raise InvalidAction("no action of the configured kinds applies to this scene")
 
 
+def near_misses(scene: Scene, action: Action, cfg: ToyWorldConfig) -> dict[str, Scene]:
+    """Scenes a best-of-N verifier must rank below `apply(scene, action)`: what a world model nearly right makes.
+
+    - `wrong_object`: the same kind of edit on another object (for `add`, a new object of another shape), with
+      the action's own direction, reference and colour when they apply, else the first that does;
+    - `wrong_colour`: the edit done, but the acted object in another colour (for `remove`, left in place recoloured;
+      for `recolor`, the wrong new colour);
+    - `unchanged`: the scene as it was (a copy of the source).
+    Each is a valid scene of the world, different from the true target.
+    """
+    target = apply(scene, action, cfg)
+    if action.kind == "add":  # another shape: the same shape in another colour is `wrong_colour`
+        options = [replace(action, color=c, shape=s) for s in SHAPES for c in COLORS
+                   if scene.find(c, s) is None and s != action.shape]
+    else:
+        others = [replace(action, color=o.color, shape=o.shape) for o in scene.objects
+                  if (o.color, o.shape) != (action.color, action.shape)]
+        options = others + [replace(a, direction=d if a.direction else None, new_color=c if a.new_color else None,
+                                    ref_color=r.color if a.ref_color else None,
+                                    ref_shape=r.shape if a.ref_shape else None)
+                            for a in others for d in DIRECTIONS for c in COLORS for r in scene.objects]
+    wrong_object = None
+    for option in options:
+        try:
+            wrong_object = apply(scene, option, cfg)
+        except InvalidAction:
+            continue
+        if wrong_object != target:
+            break
+    if wrong_object is None or wrong_object == target:
+        raise InvalidAction(f"no other object to {action.kind} in this scene")
+    after = scene if action.kind == "remove" else target
+    colour = (action.new_color if action.kind == "recolor" else action.color) or action.color
+    acted = after.find(colour, action.shape)
+    assert acted is not None
+    other = next(c for c in COLORS if c not in (colour, action.color) and after.find(c, action.shape) is None)
+    wrong_colour = Scene((*(o for o in after.objects if o != acted), replace(acted, color=other)))
+    return {"wrong_object": wrong_object, "wrong_colour": wrong_colour, "unchanged": scene}
+
+
 def check_kind_weights(kind_weights: Mapping[str, float]) -> None:
     """Weights name known kinds and are positive; anything else is a config error, said plainly."""
     unknown = set(kind_weights) - set(KINDS)

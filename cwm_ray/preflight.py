@@ -67,7 +67,10 @@ def preflight(cfg: Any, environ: dict[str, str] | None = None) -> None:
             and not (isinstance(cfg, EvaluateConfig) and cfg.endpoint) and not joined_cluster():
         # No cluster to join: the job's `ray.init()` will start a private Ray on this machine, whose resources Ray
         # can say now, before it starts (a joined cluster is asked once connected: `check_job_fits`).
-        check_cluster_fits(job_asks(cfg), private_capacity())
+        capacity, groups = private_capacity(), job_groups(cfg)
+        for group in groups:
+            check_cluster_fits(group, capacity)
+        warn_if_pools_share(groups, capacity)
 
 
 def needed(cfg: Any) -> Iterator[tuple[str, str, str]]:
@@ -209,6 +212,14 @@ def job_asks(cfg: Any) -> list[Ask]:
     raise TypeError(f"no resource asks known for {type(cfg).__name__}")
 
 
+def job_groups(cfg: Any) -> list[list[Ask]]:
+    """The asks that must be granted at once, group by group: Train's workers start together (one placement
+    group); each Ray Data actor pool starts its `concurrency` actors together, but the pools of one pipeline can
+    run one after the other, so only a pool that cannot fit alone is certain to wait forever."""
+    asks = job_asks(cfg)
+    return [asks] if isinstance(cfg, TrainIDMConfig | TrainWorldModelConfig) else [[a] for a in asks]
+
+
 def _fmt(resources: dict[str, float]) -> str:
     return "{" + ", ".join(f"{k}: {v:g}" for k, v in resources.items() if v) + "}"
 
@@ -290,11 +301,9 @@ def private_capacity() -> tuple[list[dict[str, float]], dict[str, float], dict[s
 
 def check_cluster_fits(asks: Sequence[Ask], capacity: tuple[list[dict[str, float]], dict[str, float],
                                                               dict[str, float], bool] | None = None) -> None:
-    """Refuse, before anything is scheduled, asks the cluster cannot hold now nor after its autoscaler has grown it.
-
-    Each actor or worker must fit one node (Ray places it whole), and all of them together must fit the cluster
-    at its largest: Train's workers start together, and a Ray Data actor pool waits for its `concurrency` actors.
-    Otherwise the job would wait forever for resources that never come.
+    """Refuse asks that must be granted together (`job_groups`) and that the cluster cannot hold now nor after its
+    autoscaler has grown it: each actor or worker must fit one node (Ray places it whole), and all of them the
+    cluster at its largest. Otherwise the job would wait forever for resources that never come.
     """
     shapes, now, most, autoscaling = cluster_capacity() if capacity is None else capacity
     grows = "its autoscaler's node types" if autoscaling else "no autoscaler (a cluster of fixed size)"
@@ -320,21 +329,38 @@ def check_cluster_fits(asks: Sequence[Ask], capacity: tuple[list[dict[str, float
 def check_job_fits(cfg: Any) -> None:
     """A job's asks against the cluster it is connected to, before its first actor or task: the published node
     types (`cluster_capacity`), else the autoscaler's own answer (`autoscaler_can_hold`), else the nodes there are
-    (a cluster without an autoscaler cannot grow)."""
-    asks = job_asks(cfg)
+    (a cluster without an autoscaler cannot grow). Pools that fit one by one but not together get a warning."""
+    groups = job_groups(cfg)
     try:
-        shapes, now, most, published = cluster_capacity()
-        bundles = [{k: v for k, v in a.resources.items() if v > 0} for a in asks for _ in range(a.count)]
-        verdict = None if published else autoscaler_can_hold([b for b in bundles if b])
+        capacity = cluster_capacity()
+        verdicts = [None if capacity[3] else autoscaler_can_hold(
+            [b for a in group for b in [{k: v for k, v in a.resources.items() if v > 0}] * a.count if b])
+            for group in groups]
     except Exception as exc:  # noqa: BLE001 (a cluster that cannot say what it holds: go on, Ray will tell)
         print(f"[preflight] could not read the cluster's resources ({type(exc).__name__}: {exc}); not checked",
               file=sys.stderr, flush=True)
         return
-    if verdict is False:
-        need = " + ".join(f"{a.what} {a.count} x {_fmt({k: v for k, v in a.resources.items() if v > 0})}"
-                          for a in asks)
-        raise ConfigError(f"the cluster's autoscaler cannot hold this job's asks at once ({need}: no mix of its node "
-                          f"types up to their max_workers fits them): lower "
-                          + " / ".join(a.settings for a in asks) + ", or add a node type (or raise its max_workers)")
-    if verdict is None:
-        check_cluster_fits(asks, (shapes, now, most, published))
+    for group, verdict in zip(groups, verdicts, strict=True):
+        if verdict is False:
+            need = " + ".join(f"{a.what} {a.count} x {_fmt({k: v for k, v in a.resources.items() if v > 0})}"
+                              for a in group)
+            raise ConfigError(f"the cluster's autoscaler cannot hold {need} at once (no mix of its node types up to "
+                              "their max_workers fits it): lower " + " / ".join(a.settings for a in group)
+                              + ", or add a node type (or raise its max_workers)")
+        if verdict is None:
+            check_cluster_fits(group, capacity)
+    if all(v is None for v in verdicts):
+        warn_if_pools_share(groups, capacity)
+
+
+def warn_if_pools_share(groups: list[list[Ask]], capacity: tuple[list[dict[str, float]], dict[str, float],
+                                                                   dict[str, float], bool]) -> None:
+    """Ray Data pools that fit one by one but not together: they run one after the other at best. A warning, since
+    that still ends."""
+    if len(groups) < 2:
+        return
+    try:
+        check_cluster_fits([a for g in groups for a in g], capacity)
+    except ConfigError as exc:
+        print(f"[preflight] warning: the pipeline's stages do not fit the cluster together, so they will take turns "
+              f"(slower): {exc}", file=sys.stderr, flush=True)

@@ -20,6 +20,7 @@ import pytest
 
 from cwm_ray import storage
 from cwm_ray.config import (
+    AnnotateConfig,
     ConfigError,
     EvaluateConfig,
     JudgeConfig,
@@ -28,7 +29,7 @@ from cwm_ray.config import (
     TrainWorldModelConfig,
     load,
 )
-from cwm_ray.preflight import Ask, check_cluster_fits, check_judge_key, job_asks, preflight
+from cwm_ray.preflight import check_cluster_fits, check_judge_key, job_asks, job_groups, preflight, warn_if_pools_share
 
 REPO = Path(__file__).resolve().parents[1]
 PROFILE = REPO / "configs" / "real" / "qwen25vl7b_ip2p.yaml"
@@ -197,13 +198,26 @@ def test_gpu_asks_on_a_cluster_without_gpus_are_refused_not_waited_for() -> None
                            AUTOSCALING)
 
 
-def test_actor_pools_must_fit_together() -> None:
-    asks = [Ask("idm_stage", 8, {"CPU": 1.0, "GPU": 0.75}, "idm_stage.concurrency"),
-            Ask("recognition_stage", 8, {"CPU": 1.0, "GPU": 0.25}, "recognition_stage.concurrency")]
-    check_cluster_fits(asks, AUTOSCALING)  # 8 GPUs' worth on the g5 type alone, 16 at most
-    with pytest.raises(ConfigError, match=r"asks for 4 CPU at once \(idm_stage 2 x 1 \+ recognition_stage 2 x 1\), "
-                                          r"and the cluster has 2 and no autoscaler"):
-        check_cluster_fits([Ask(a.what, 2, {"CPU": 1.0}, a.settings) for a in asks], CPU_ONLY)
+def test_an_actor_pool_must_fit_and_pools_that_fit_only_in_turn_get_a_warning(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A pool's actors start together (a pool that cannot fit waits forever: an error); a pipeline's pools may take
+    turns (slower, but it ends: a warning). Train's workers always start together (the GPU test above)."""
+    wired = load(AnnotateConfig, [PROFILE, REPO / "configs" / "cluster" / "annotate_g5_8x.yaml"], ["root=s3://a/b"])
+    groups = job_groups(wired)
+    assert [[a.what for a in g] for g in groups] == [["decode"], ["idm_stage"], ["recognition_stage"]]
+    for group in groups:  # 8 IDM actors x 0.75 GPU and 8 recognition actors x 0.25: on the g5 type
+        check_cluster_fits(group, AUTOSCALING)
+    three = load(AnnotateConfig, REPO / "configs" / "annotate.yaml", ["idm_stage.concurrency=3"])
+    with pytest.raises(ConfigError, match=r"the job asks for 3 CPU at once \(idm_stage 3 x 1\), and the cluster has 2 "
+                                          r"and no autoscaler.*lower idm_stage.concurrency") as err:
+        for group in job_groups(three):
+            check_cluster_fits(group, CPU_ONLY)
+    _one_line(err)
+    two = load(AnnotateConfig, REPO / "configs" / "annotate.yaml", ["idm_stage.num_cpus=1.5"])
+    for group in job_groups(two):  # 0.5 + 1.5 + 0.25 CPUs: each fits 2, not all three
+        check_cluster_fits(group, CPU_ONLY)
+    warn_if_pools_share(job_groups(two), CPU_ONLY)
+    assert "warning: the pipeline's stages do not fit the cluster together" in capsys.readouterr().err
 
 
 def test_a_training_job_asking_for_a_gpu_here_exits_2_instead_of_hanging(tmp_path: Path) -> None:

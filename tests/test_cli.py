@@ -472,3 +472,40 @@ def test_the_examples_are_found() -> None:
     assert {"README.md", "docs/cluster.md", "jobs/annotate.py", "jobs/evaluate.py", "jobs/train_idm.py",
             "configs/train_idm.yaml", "configs/real/qwen25vl7b_ip2p.yaml"} <= where, sorted(where)
     assert len(examples) >= 30
+
+
+# --- Serve: a dry run of the application's args, and the placeholder refused where it builds ---------------------
+
+
+def test_a_dry_run_of_the_serve_args_resolves_the_profile_and_imports_nothing_heavy() -> None:
+    def dry(*args: str) -> subprocess.CompletedProcess[str]:
+        code = ("import runpy, sys\ntry: runpy.run_module('cwm_ray.serve', run_name='__main__')\n"
+                "except SystemExit as e: code = e.code\nelse: code = 0\n"
+                f"print('heavy:', sorted(m for m in {HEAVY!r} if m in sys.modules), file=sys.stderr)\n"
+                "sys.exit(code)")
+        return subprocess.run([sys.executable, "-c", code, "--print-config", *args], cwd=REPO, capture_output=True,
+                              text=True, timeout=120)
+
+    proc = dry("configs/cluster/serve_g5.yaml", "root=s3://acme/cwm")
+    assert proc.returncode == 0 and proc.stderr.strip() == "heavy: []", proc.stderr
+    args = yaml.safe_load(proc.stdout.split("\n", 1)[1])
+    assert args["world_model"]["model"] == "timbrooks/instruct-pix2pix"  # the base, and the trained adapter on it
+    assert args["world_model"]["adapter"] == "s3://acme/cwm/models/qwen25vl7b_ip2p_world_model"
+    assert args["idm"]["model"] == "s3://acme/cwm/models/qwen25vl7b_idm"
+    proc = dry(f"profile={PROFILE}")
+    assert proc.returncode == 0 and "warning: root=s3://your-bucket/cwm is a placeholder" in proc.stderr
+    proc = dry(f"profile={PROFILE}", "world_model.nope=1")
+    assert proc.returncode == 2 and proc.stderr.splitlines()[0] == (
+        "error: unknown config key 'world_model.nope' (from serve application args)")
+
+
+def test_build_app_refuses_a_placeholder_root() -> None:
+    from cwm_ray.serve.app import build_app
+
+    with pytest.raises(ConfigError, match=r"^root=s3://your-bucket/cwm is a placeholder"):
+        build_app({"profile": PROFILE})
+    from cwm_ray.serve.app import _resolved, serve_config
+
+    # an s3:// model is not a local path that is missing (it was refused as one, so no profile could be served)
+    cfg = _resolved(serve_config({"profile": PROFILE, "root": "s3://acme/cwm"}))
+    assert cfg.idm.model == "s3://acme/cwm/models/qwen25vl7b_idm"

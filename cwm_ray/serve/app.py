@@ -85,7 +85,7 @@ def _resolved(cfg: ServeConfig) -> ServeConfig:
     cfg = dataclasses.replace(cfg, world_model=storage.with_local_paths(cfg.world_model),
                               idm=storage.with_local_paths(cfg.idm))
     for field, model in (("world_model", cfg.world_model.model), ("idm", cfg.idm.model)):
-        looks_local = model.startswith((".", "/", "~")) or model.count("/") >= 2  # hub ids are "org/name"
+        looks_local = not storage.is_s3(model) and (model.startswith((".", "/", "~")) or model.count("/") >= 2)
         if model != "toy" and looks_local and not Path(model).exists():
             raise ConfigError(f"{field}.model: no model at {model}. Train the toy models with `make toy-models`, "
                               f"or set args.{field}.model to a Hugging Face id, a local path or an s3:// URI.")
@@ -137,9 +137,10 @@ def serve_http_host() -> str | None:
 
 def build_app(args: dict[str, Any] | None = None) -> Application:
     """The application graph: Ingress → (WorldModel, Verifier). Called by `serve run` / `serve deploy`."""
-    cfg = _resolved(serve_config(args))
+    cfg = serve_config(args)
     if found := find_placeholders(cfg):  # before a replica asks for a GPU and fails to load from it
         raise ConfigError(placeholder_message(found))
+    cfg = _resolved(cfg)
     from cwm_ray.preflight import preflight
 
     preflight(cfg)  # models on S3 or the Hub: found, and fetchable

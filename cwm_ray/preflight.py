@@ -18,9 +18,8 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -105,7 +104,7 @@ def check_model(key: str, value: str, storage_cfg: Any = None) -> None:
     if storage.is_s3(value):
         if not _has_files(value, storage_cfg):
             raise ConfigError(f"{key}: no files under {value}: train or upload the model there first (the stage that "
-                              f"writes it: docs/cluster.md), or fix the path")
+                              f"writes it: docs/real-run.md), or fix the path")
         return
     if Path(value).expanduser().exists():
         return
@@ -118,7 +117,7 @@ def check_model(key: str, value: str, storage_cfg: Any = None) -> None:
 def check_input(key: str, value: str, storage_cfg: Any = None) -> None:
     if not storage.exists(value, storage_cfg) and not (storage.is_s3(value) and _has_files(value, storage_cfg)):
         raise ConfigError(f"{key}: nothing at {value}: write it first (for AURORA and AURORA-Bench: "
-                          f"scripts/prepare_aurora.py, docs/cluster.md), or fix the path")
+                          f"scripts/prepare_aurora.py, docs/real-run.md), or fix the path")
 
 
 def check_hub_model(key: str, repo_id: str) -> None:
@@ -133,35 +132,43 @@ def check_hub_model(key: str, repo_id: str) -> None:
         raise ConfigError(f"{key}: {repo_id!r} is neither a path that exists nor a Hugging Face id "
                           "(org/name)") from None
     cache = f"the Hugging Face cache at {constants.HF_HUB_CACHE} (HF_HOME)"
-    fetch_first = (f"download it first (`hf download {repo_id}` into a cache the nodes share, docs/cluster.md), or "
+    fetch_first = (f"download it first (`hf download {repo_id}` into a cache the nodes share, docs/real-run.md), or "
                    "give a local or s3:// path")
     if constants.is_offline_mode():
         raise ConfigError(f"{key}: {repo_id} is not in {cache} and HF_HUB_OFFLINE is set: {fetch_first}")
     token = get_token()
-    with ThreadPoolExecutor(1) as pool:  # the Hub client waits without limit; the run should not
-        future = pool.submit(HfApi().auth_check, repo_id)
-        try:
-            future.result(timeout=HUB_TIMEOUT_S)
-            return
-        except GatedRepoError:
-            if token is None:
-                raise ConfigError(f"{key}: {repo_id} is gated and no Hugging Face token is set: accept its terms on "
-                                  "huggingface.co, then set HF_TOKEN (for a cluster job in runtime_env.env_vars, "
-                                  "docs/cluster.md)") from None
-            raise ConfigError(f"{key}: the Hugging Face token set here has no access to the gated {repo_id}: accept "
-                              "its terms on huggingface.co with that account") from None
-        except RepositoryNotFoundError:
-            who = "no Hugging Face token is set" if token is None else "the token set here cannot see it"
-            raise ConfigError(f"{key}: no model {repo_id} on the Hugging Face Hub (or it is private and {who}): "
-                              "check the id, set HF_TOKEN, or give a local or s3:// path") from None
-        except FutureTimeout:
-            reason = f"no answer within {HUB_TIMEOUT_S:g} s"
-        except Exception as exc:  # noqa: BLE001 (network errors of every kind: say which, and what to do)
-            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")
-        finally:
-            pool.shutdown(wait=False, cancel_futures=True)
+    # The Hub client waits without limit, and the run should not: the check runs in a daemon thread, which a
+    # network that drops packets cannot keep from exiting.
+    outcome: list[BaseException | None] = []
+    thread = threading.Thread(target=lambda: outcome.append(_auth_check(HfApi(), repo_id)), daemon=True)
+    thread.start()
+    thread.join(HUB_TIMEOUT_S)
+    error = outcome[0] if outcome else TimeoutError(f"no answer within {HUB_TIMEOUT_S:g} s")
+    if error is None:
+        return
+    if isinstance(error, GatedRepoError):
+        if token is None:
+            raise ConfigError(f"{key}: {repo_id} is gated and no Hugging Face token is set: accept its terms on "
+                              "huggingface.co, then set HF_TOKEN (for a cluster job in runtime_env.env_vars, "
+                              "docs/real-run.md)")
+        raise ConfigError(f"{key}: the Hugging Face token set here has no access to the gated {repo_id}: accept "
+                          "its terms on huggingface.co with that account")
+    if isinstance(error, RepositoryNotFoundError):
+        who = "no Hugging Face token is set" if token is None else "the token set here cannot see it"
+        raise ConfigError(f"{key}: no model {repo_id} on the Hugging Face Hub (or it is private and {who}): "
+                          "check the id, set HF_TOKEN, or give a local or s3:// path")
+    reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}".rstrip(": ")
     raise ConfigError(f"{key}: cannot reach the Hugging Face Hub to check {repo_id} ({reason}) and it is not in "
                       f"{cache}: check the network (HF_ENDPOINT), or {fetch_first}")
+
+
+def _auth_check(api: Any, repo_id: str) -> BaseException | None:
+    """The Hub's answer to whether this token may fetch `repo_id`: None, or the error it raised."""
+    try:
+        api.auth_check(repo_id)
+    except Exception as exc:  # noqa: BLE001 (every kind is reported: gated, missing, the network's)
+        return exc
+    return None
 
 
 def check_judge_key(cfg: JudgeConfig, environ: dict[str, str] | None = None) -> None:
@@ -170,7 +177,7 @@ def check_judge_key(cfg: JudgeConfig, environ: dict[str, str] | None = None) -> 
     if not environ.get(cfg.api_key_env) and cfg.base_url is None:
         raise ConfigError(f"judge.enabled needs an API key in ${cfg.api_key_env} (judge.api_key_env), or "
                           "judge.base_url of a server that takes none; on a cluster pass it in runtime_env.env_vars "
-                          "(docs/cluster.md), or set judge.enabled=false")
+                          "(docs/real-run.md), or set judge.enabled=false")
 
 
 # --------------------------------------------------------------------------------------------- cluster resources

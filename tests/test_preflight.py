@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from cwm_ray import preflight as preflight_module
 from cwm_ray import storage
 from cwm_ray.config import (
     AnnotateConfig,
@@ -86,6 +87,8 @@ class HubStandIn:
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 (http.server's name)
                 code, error = 200, None
+                if "/org/slow/" in self.path:
+                    time.sleep(3)  # a network that holds the connection: the check must not wait for it
                 if "/org/gated/" in self.path:
                     code, error = 403, "GatedRepo"
                 elif "/org/public/" not in self.path:
@@ -158,6 +161,10 @@ def test_a_gated_or_missing_hub_id_without_a_token_is_one_line(empty_hub_cache: 
         with pytest.raises(ConfigError, match=r"no model org/typo on the Hugging Face Hub .*cannot see it") as err:
             preflight(_wm("org/typo"))
         _one_line(err)
+        monkeypatch.setattr(preflight_module, "HUB_TIMEOUT_S", 0.5)
+        with pytest.raises(ConfigError, match=r"cannot reach the Hugging Face Hub to check org/slow \(TimeoutError: "
+                                              r"no answer within 0.5 s\)"):
+            preflight(_wm("org/slow"))
     # the Hub unreachable (the stand-in is gone): the reason, and what to do
     with pytest.raises(ConfigError, match=r"cannot reach the Hugging Face Hub to check org/public \(.*\) and it is "
                                           r"not in the Hugging Face cache"):

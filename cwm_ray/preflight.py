@@ -333,16 +333,22 @@ def check_cluster_fits(asks: Sequence[Ask], capacity: tuple[list[dict[str, float
                               + (" (or use a cluster with GPUs)" if k == "GPU" else ""))
 
 
+def _bundles(asks: Sequence[Ask]) -> list[dict[str, float]]:
+    bundles = [{k: v for k, v in a.resources.items() if v > 0} for a in asks for _ in range(a.count)]
+    return [b for b in bundles if b]
+
+
 def check_job_fits(cfg: Any) -> None:
     """A job's asks against the cluster it is connected to, before its first actor or task: the published node
-    types (`cluster_capacity`), else the autoscaler's own answer (`autoscaler_can_hold`), else the nodes there are
-    (a cluster without an autoscaler cannot grow). Pools that fit one by one but not together get a warning."""
+    types (`cluster_capacity`), else the autoscaler's own answer (`autoscaler_can_hold`: all the job's asks at
+    once, then group by group only if they do not fit together), else the nodes there are (a cluster without an
+    autoscaler cannot grow). Pools that fit one by one but not together get a warning."""
     groups = job_groups(cfg)
     try:
         capacity = cluster_capacity()
-        verdicts = [None if capacity[3] else autoscaler_can_hold(
-            [b for a in group for b in [{k: v for k, v in a.resources.items() if v > 0}] * a.count if b])
-            for group in groups]
+        together = None if capacity[3] else autoscaler_can_hold(_bundles([a for g in groups for a in g]))
+        verdicts = [together] * len(groups) if together is not False else \
+            [autoscaler_can_hold(_bundles(g)) if len(groups) > 1 else False for g in groups]
     except Exception as exc:  # noqa: BLE001 (a cluster that cannot say what it holds: go on, Ray will tell)
         print(f"[preflight] could not read the cluster's resources ({type(exc).__name__}: {exc}); not checked",
               file=sys.stderr, flush=True)
@@ -356,7 +362,10 @@ def check_job_fits(cfg: Any) -> None:
                               + ", or add a node type (or raise its max_workers)")
         if verdict is None:
             check_cluster_fits(group, capacity)
-    if all(v is None for v in verdicts):
+    if together is False:
+        print("[preflight] warning: the pipeline's stages do not fit the cluster together, even autoscaled, so they "
+              "will take turns (slower)", file=sys.stderr, flush=True)
+    elif together is None:
         warn_if_pools_share(groups, capacity)
 
 

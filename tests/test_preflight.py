@@ -244,3 +244,16 @@ def test_a_training_job_asking_for_a_gpu_here_exits_2_instead_of_hanging(tmp_pat
     assert last.startswith("error: scaling: one actor or worker asks {CPU: 0.5, GPU: 1}, more than any node has"), last
     assert "Traceback" not in proc.stderr and not (tmp_path / "runs").exists()
     print(f"refused in {time.monotonic() - t0:.1f} s, before Ray started")
+
+
+def test_a_missing_idm_is_one_line_before_ray_starts(tmp_path: Path) -> None:
+    """It used to start Ray, then print 443 lines and four tracebacks 36 s in."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_AUTH_MODE": "disabled"}
+    proc = subprocess.run([sys.executable, "jobs/annotate.py", f"input={tmp_path}", "idm.model=/nowhere/idm",
+                           f"output={tmp_path / 'out'}"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines() == [
+        "error: idm.model: no model at /nowhere/idm (a local path): fix the path, or give a Hugging Face id or an "
+        "s3:// URI"]
+    assert "Started a local Ray instance" not in proc.stdout + proc.stderr

@@ -47,6 +47,7 @@ from cwm_ray import storage
 from cwm_ray.config import AnnotateConfig, StageResources
 from cwm_ray.data import actor_stage
 from cwm_ray.filtering import action_class, stratified_top_k_mask
+from cwm_ray.preflight import check_job_fits
 from cwm_ray.schema import ERROR_SCHEMA, LABEL_FIELDS, PAIR_FIELDS, WEIGHT_FIELDS, encode_image, pair_id
 from cwm_ray.video import Frame, VideoError, choose_pairs, iter_frames
 
@@ -773,6 +774,8 @@ def annotate(cfg: AnnotateConfig) -> dict[str, Any]:
     print(f"[annotate] {len(videos)} videos, {len(videos) - len(todo)} already done, {len(todo)} to do", flush=True)
     if not ray.is_initialized():
         ray.init(runtime_env={"env_vars": {"RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}})
+    if todo:
+        check_job_fits(cfg)  # actor pools the cluster cannot hold, now or autoscaled: an error, not a wait
     t_pipe, wall_pipe = time.perf_counter(), time.time()
     clock, stages, pool = None, {}, None
     if todo:

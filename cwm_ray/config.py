@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import inspect
 import os
+import re
 import sys
 import types
 import typing
@@ -22,7 +23,13 @@ from typing import Any, TypeVar
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
+from omegaconf.errors import (
+    ConfigAttributeError,
+    ConfigKeyError,
+    InterpolationResolutionError,
+    OmegaConfBaseException,
+    ValidationError,
+)
 
 T = TypeVar("T")
 
@@ -55,6 +62,22 @@ class StorageConfig:
     """AWS region; falls back to $AWS_DEFAULT_REGION, then us-east-1."""
     retries: int = 5
     """Retry attempts for throttled or failed S3 calls (pyarrow's AWS standard retry strategy)."""
+
+
+@dataclass
+class TrackingConfig:
+    """Experiment tracking in MLflow, through Ray's own integration (`ray.air.integrations.mlflow.setup_mlflow`):
+    a run per job with the resolved config as its parameters, then its metrics (training: every `log_every` steps,
+    on the rank-0 worker; evaluation: the summary table)."""
+
+    enabled: bool = True
+    """false = metrics only in the log and the job's own files."""
+    uri: str | None = None
+    """MLflow tracking URI: a tracking server (http://host:5000), `databricks`, or a directory for a local file
+    store. None = $MLFLOW_TRACKING_URI, else outputs/mlruns (`mlflow ui --backend-store-uri outputs/mlruns`). On a
+    cluster use a server or a directory every node shares: a worker node's disk goes with the node."""
+    experiment: str = "cwm_ray"
+    """MLflow experiment name (created when missing); each job's run is named after `train.name` or its output."""
 
 
 @dataclass
@@ -122,6 +145,8 @@ def _format_error(exc: OmegaConfBaseException, source: str) -> str:
         return f"unknown config key '{key}' (from {source})"
     if isinstance(exc, ValidationError):
         return f"bad value for config key '{key}' (from {source}): {msg}"
+    if isinstance(exc, InterpolationResolutionError):
+        return f"config key '{key}' (from {source}): {msg}"
     return f"invalid config (from {source}): {msg}"
 
 
@@ -134,6 +159,11 @@ job, named here; top-level keys starting with `_` hold YAML anchors the sections
 reads its own section, so the model ids, sizes and prompt are written once for the whole pipeline."""
 
 
+ROOT_KEY = "root"
+"""A profile's top-level storage root: each section gets it as its own `root` setting, so `${root}` in a section
+resolves against the job's config, and `root=...` on the command line (or in Serve's args) moves every path."""
+
+
 def read_layer(cls: type, config_file: str | Path) -> DictConfig:
     """One YAML layer for `cls`: the file itself, or the job's section when the file is a profile."""
     path = Path(config_file)
@@ -141,7 +171,11 @@ def read_layer(cls: type, config_file: str | Path) -> DictConfig:
         raise ConfigError(f"config file not found: {path}")
     try:
         node = OmegaConf.load(path)
-    except (OmegaConfBaseException, OSError, ValueError) as exc:
+    except yaml.MarkedYAMLError as exc:  # a syntax error: where it is and what, not PyYAML's 25-line report
+        mark = exc.problem_mark or exc.context_mark
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{where}: invalid YAML: {exc.problem or exc.context}") from None
+    except (OmegaConfBaseException, OSError, ValueError, yaml.YAMLError) as exc:
         raise ConfigError(f"cannot read {path}: {str(exc).splitlines()[0]}") from None
     if not isinstance(node, DictConfig):
         raise ConfigError(f"{path}: a config file must be a YAML mapping")
@@ -152,11 +186,16 @@ def read_layer(cls: type, config_file: str | Path) -> DictConfig:
     if section not in node:
         raise ConfigError(f"{path} is a profile with sections {', '.join(map(str, stages))}, none for "
                           f"{cls.__name__} (its section is named {section!r})")
-    stray = [str(k) for k in node if str(k) not in PROFILE_SECTIONS.values() and not str(k).startswith("_")]
+    known = (*PROFILE_SECTIONS.values(), ROOT_KEY)
+    stray = [str(k) for k in node if str(k) not in known and not str(k).startswith("_")]
     if stray:
         raise ConfigError(f"{path}: unknown profile section(s) {', '.join(stray)}; sections are "
-                          f"{', '.join(PROFILE_SECTIONS.values())}, and keys starting with _ hold shared anchors")
-    return node[section] if node[section] is not None else OmegaConf.create({})
+                          f"{', '.join(PROFILE_SECTIONS.values())}, `{ROOT_KEY}` is the storage root, and keys "
+                          "starting with _ hold shared anchors")
+    layer = node[section] if node[section] is not None else OmegaConf.create({})
+    if ROOT_KEY in node and ROOT_KEY not in layer:  # the profile's one root, which its sections' ${root} paths use
+        layer[ROOT_KEY] = node[ROOT_KEY]
+    return layer
 
 
 def load(cls: type[T], config_file: str | Path | Sequence[str | Path] | None = None,
@@ -191,10 +230,21 @@ def load(cls: type[T], config_file: str | Path | Sequence[str | Path] | None = N
             cfg = OmegaConf.merge(cfg, layer)
         except OmegaConfBaseException as exc:
             raise ConfigError(_format_error(exc, "command line")) from None
+    return _to_object(cfg, "command line")
+
+
+def _to_object(cfg: DictConfig, source: str) -> Any:
+    """The typed config, interpolations resolved (`${root}`), then range-checked (`check_ranges`)."""
+    if OmegaConf.select(cfg, ROOT_KEY, default="") is None and "${" + ROOT_KEY in str(
+            OmegaConf.to_container(cfg, resolve=False)):
+        raise ConfigError(f"the config's paths use ${{{ROOT_KEY}}} but {ROOT_KEY} is not set: give "
+                          f"{ROOT_KEY}=s3://<bucket>/<prefix> (or an absolute path on shared storage)")
     try:
-        return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+        obj = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as exc:
-        raise ConfigError(_format_error(exc, "command line")) from None
+        raise ConfigError(_format_error(exc, source)) from None
+    check_ranges(obj)
+    return obj
 
 
 def _leaf_type(cls: type, key: str) -> Any:
@@ -362,6 +412,8 @@ def parse_cli(cls: type[T], argv: Sequence[str] | None = None, default_config: s
     if want_print:  # a planned run is checked as it would start: toy values are refused here too
         for warning in check_toy_values(cfg):
             print(f"warning: {warning}", file=sys.stderr, flush=True)
+        if found := find_placeholders(cfg):  # a warning here, so a profile can be read before it has a bucket
+            print(f"warning: {placeholder_message(found)}; a run stops here", file=sys.stderr, flush=True)
         raise SystemExit(0)
     return cfg
 
@@ -447,6 +499,11 @@ def run_job(main: Any, cls: type[T], default_config: str | None = None) -> None:
         cfg = parse_cli(cls, default_config=default_config)
         for warning in check_toy_values(cfg):
             print(f"warning: {warning}", file=sys.stderr, flush=True)
+        if found := find_placeholders(cfg):
+            raise ConfigError(placeholder_message(found))
+        from cwm_ray.preflight import preflight  # storage and the hub client: only for a run
+
+        preflight(cfg)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -456,7 +513,8 @@ def run_job(main: Any, cls: type[T], default_config: str | None = None) -> None:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     try:
         main(cfg)
-    except ConfigError as exc:  # found by the driver's own checks once the job began (before any worker's)
+    except ConfigError as exc:  # a check made once connected to Ray (`preflight.check_cluster_fits`, or the
+        # driver's own, e.g. the rows a schedule in epochs counts), before any worker starts
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
 
@@ -484,50 +542,124 @@ def _leaves(obj: Any, prefix: str = "") -> typing.Iterator[tuple[str, Any, Any, 
             yield key, value, obj, f.name
 
 
+AT_LEAST_ONE = ("batch_size", "k_frames", "grid")
+"""Counts (rows per model call or per step, motion peaks per video, board cells): 0 or less is never meant, and
+used to fail only inside a worker, after the cluster had started."""
+
+
+def check_ranges(cfg: Any) -> None:
+    """Refuse values outside their range when the config is built, so `--print-config` finds them as a run would.
+
+    Why here and not in each `__post_init__`: `batch_size` sits in several sections (`optim`, every stage), and the
+    message must name the key as it is written (`idm_stage.batch_size`), which only the walk over the whole config
+    knows. Fixed choices (`deepspeed.zero_stage`, `frames.motion`, ...) stay in `__post_init__`, where `--help` reads
+    them.
+    """
+    for key, value, owner, name in _leaves(cfg):
+        if name in AT_LEAST_ONE and isinstance(value, int) and value < 1:
+            raise ConfigError(f"bad value for config key '{key}': {value}; use 1 or more")
+        if name == "best_of" and isinstance(value, int | list):
+            widths = value if isinstance(value, list) else [value]
+            if not widths or any(not isinstance(n, int) or n < 1 for n in widths):
+                raise ConfigError(f"bad value for config key '{key}': {value}; a search width is a whole number, "
+                                  "1 or more (1 = one sample, no search)")
+        if isinstance(owner, ToyWorldConfig) and name == "image_size" and owner.grid >= 1 and value % owner.grid:
+            prefix = key.rsplit(".", 1)[0] + "." if "." in key else ""
+            raise ConfigError(f"bad value for config key '{key}': {value} is not a multiple of {prefix}grid="
+                              f"{owner.grid} (the board's cells are whole pixels); e.g. {key}="
+                              f"{max(1, round(value / owner.grid)) * owner.grid}")
+
+
 def _is_toy_model(value: Any) -> bool:
     return isinstance(value, str) and (value == TOY or value.startswith(f"{DEFAULT_OUTPUT_ROOT}/models/toy"))
+
+
+def joined_cluster(environ: typing.Mapping[str, str] | None = None) -> str:
+    """Where this process's `ray.init()` would connect, in words; '' when it would start a private Ray.
+
+    `ray.init()` joins `$RAY_ADDRESS`, else the cluster the last `ray start --head` on this machine recorded (Ray's
+    bootstrap-address file under $RAY_TMPDIR, default /tmp/ray): a job started beside such a head without
+    RAY_ADDRESS joins it too, so the environment alone does not say. Ray's own lookup answers (imported only when
+    RAY_ADDRESS is unset: it imports Ray). With `environ` given, only its RAY_ADDRESS counts (tests, callers that
+    know).
+    """
+    source = os.environ if environ is None else environ
+    if source.get("RAY_ADDRESS"):
+        return f"a joined cluster (RAY_ADDRESS={source['RAY_ADDRESS']})"
+    if environ is not None:
+        return ""
+    from ray._private.services import find_bootstrap_address
+
+    address = find_bootstrap_address(None)
+    return f"a running Ray cluster at {address} (started by `ray start`; ray.init() joins it)" if address else ""
 
 
 def check_toy_values(cfg: Any, environ: typing.Mapping[str, str] | None = None) -> list[str]:
     """Refuse the toy setup's values where they cannot be meant; return warnings for doubtful sizes.
 
-    Where: a job on a joined cluster (RAY_ADDRESS set, as `ray job submit` sets it) or one asking for GPUs
-    (`scaling.use_gpu`, or a stage's `num_gpus`). What: a `toy` model (a random tiny one: annotation's
-    `world_model.model` defaults to it, so recognition weights would come from a random encoder), the toy corpus
-    (outputs/toy_corpus/...), and on a cluster relative output paths, which land in the job's temporary working
-    directory and are deleted with it. `allow_toy=true` lets them through. A laptop run (neither) is never
-    touched: `make demo`, `make test` and jobs/reproduce.py are the toy setup on purpose.
+    Where: a job on a cluster it joins (`joined_cluster`: RAY_ADDRESS set, as `ray job submit` sets it, or a
+    `ray start --head` on this machine that `ray.init()` would join) or one asking for GPUs (`scaling.use_gpu`, or
+    a stage's `num_gpus`). What: a `toy` model (a random tiny one: annotation's `world_model.model` defaults to it,
+    so recognition weights would come from a random encoder), the toy corpus (outputs/toy_corpus/...), and on a
+    cluster relative output paths, which land in the job's temporary working directory and are deleted with it.
+    `allow_toy=true` lets them through. A laptop run (neither) is never touched: `make demo`, `make test` and
+    jobs/reproduce.py are the toy setup on purpose.
     """
-    environ = os.environ if environ is None else environ
-    cluster = environ.get("RAY_ADDRESS") or ""
     gpu = [key for key, value, _, name in _leaves(cfg) if (name == "use_gpu" and value is True)
            or (name == "num_gpus" and isinstance(value, float | int) and value > 0)]
-    if not cluster and not gpu:
-        return []
-    where = f"a joined cluster (RAY_ADDRESS={cluster})" if cluster else f"GPUs ({gpu[0]})"
-    problems: list[str] = []
+    problems: list[tuple[bool, str]] = []  # (only on a cluster?, what and its fix)
     warnings: list[str] = []
     real_model = any(name == "model" and isinstance(owner, IDMConfig | WorldModelConfig) and not _is_toy_model(value)
                      for _, value, owner, name in _leaves(cfg))
     for key, value, owner, name in _leaves(cfg):
         if name == "model" and isinstance(owner, IDMConfig | WorldModelConfig) and _is_toy_model(value):
-            problems.append(f"{key}={value} is a toy model (random tiny weights, or trained on the toy world); set a "
-                            f"Hugging Face id or an s3:// path, e.g. --config configs/real/qwen25vl7b_ip2p.yaml")
+            problems.append((False, f"{key}={value} is a toy model (random tiny weights, or trained on the toy "
+                                    f"world); set a Hugging Face id or an s3:// path, e.g. --config "
+                                    f"configs/real/qwen25vl7b_ip2p.yaml"))
         elif name in DATA_FIELDS and isinstance(value, str) and value.startswith(f"{DEFAULT_OUTPUT_ROOT}/toy_corpus"):
-            problems.append(f"{key}={value} is the toy corpus; point it at your data (s3:// or a shared path)")
-        elif cluster and name in OUTPUT_FIELDS and isinstance(value, str) and "://" not in value \
-                and not Path(value).is_absolute():
-            problems.append(f"{key}={value} is relative, so it lands in the job's temporary working directory and "
-                            f"is lost with it; give an s3:// URI or an absolute path on shared storage")
+            problems.append((False, f"{key}={value} is the toy corpus; point it at your data (s3:// or a shared path)"))
+        elif name in OUTPUT_FIELDS and isinstance(value, str) and "://" not in value and not Path(value).is_absolute():
+            problems.append((True, f"{key}={value} is relative, so it lands in the job's temporary working directory "
+                                   f"and is lost with it; give an s3:// URI or an absolute path on shared storage"))
         elif name in MIN_REAL_INPUT and isinstance(value, int) and value < MIN_REAL_INPUT[name] and (
                 (isinstance(owner, IDMConfig | WorldModelConfig) and not _is_toy_model(owner.model))
                 or (isinstance(owner, FramesConfig) and real_model)):
             warnings.append(f"{key}={value} px is below {MIN_REAL_INPUT[name]} px, small for a real model's input "
                             f"(a toy size?); None uses the model's own size (docs/models.md)")
-    if problems and not getattr(cfg, "allow_toy", False):
-        raise ConfigError(f"toy values on {where}: " + "; ".join(problems)
-                          + ". If you mean them, add allow_toy=true")
+    if not warnings and (not problems or getattr(cfg, "allow_toy", False)):
+        return []  # nothing to say wherever it runs: no need to ask Ray (whose import costs a second)
+    cluster = joined_cluster(environ)
+    if not cluster and not gpu:
+        return []
+    found = [text for cluster_only, text in problems if cluster or not cluster_only]
+    if found and not getattr(cfg, "allow_toy", False):
+        where = cluster or f"GPUs ({gpu[0]})"
+        raise ConfigError(f"toy values on {where}: " + "; ".join(found) + ". If you mean them, add allow_toy=true")
     return warnings
+
+
+PLACEHOLDER = re.compile(r"^s3://(your-bucket|my-bucket|bucket|example-bucket)(/|$)|<[^<>]*>")
+"""Storage a profile or an example ships with for you to replace: `s3://your-bucket/…` (the profiles' root),
+the docs' `s3://my-bucket/…` and `s3://bucket/…`, and `<…>` slots such as `<id|path>`."""
+PATH_SETTINGS = (ROOT_KEY, *OUTPUT_FIELDS, *DATA_FIELDS, "model", "adapter")
+
+
+def find_placeholders(cfg: Any) -> list[str]:
+    """`key=value` for every storage or model setting still at a placeholder (`PLACEHOLDER`)."""
+    return [f"{key}={value}" for key, value, _, name in _leaves(cfg)
+            if name in PATH_SETTINGS and isinstance(value, str) and PLACEHOLDER.search(value)]
+
+
+def placeholder_message(found: Sequence[str]) -> str:
+    """One line: what is a placeholder and how to set it (the root first: it moves every path of a profile)."""
+    roots = [f for f in found if f.startswith(f"{ROOT_KEY}=")]
+    if roots:
+        root = roots[0].split("=", 1)[1]
+        rest = [f for f in found if not f.split("=", 1)[1].startswith(root)]  # not those that derive from it
+        return (f"{roots[0]} is a placeholder: give your storage root, e.g. {ROOT_KEY}=s3://<bucket>/<prefix> (every "
+                f"stage's paths derive from it)" + (f"; also a placeholder: {', '.join(rest)}" if rest else ""))
+    return (f"placeholder storage in {', '.join(found)}: replace it with your bucket or model "
+            f"(s3://<bucket>/..., a Hugging Face id or a path)")
 
 
 def exit_if_unbuilt(needs: Sequence[tuple[str, str | None, str]], hint: str = "") -> None:
@@ -741,6 +873,9 @@ class DeepSpeedSection:
     gradient_clipping: float = 1.0
     """Max global gradient norm (0 = none); also applied when `enabled` is false (DDP)."""
 
+    def __post_init__(self) -> None:
+        check_choice("deepspeed.zero_stage", self.zero_stage, (0, 1, 2))
+
 
 @dataclass
 class DataSource:
@@ -851,6 +986,10 @@ class TrainSection:
 class TrainIDMConfig:
     """`jobs/train_idm.py`: fine-tune (or, for `toy`, train from scratch) the IDM on triplets."""
 
+    root: str | None = None
+    """The storage root of a model profile (configs/real/): its sections write every path as `${root}/…`, so each
+    stage reads what the one before it wrote. Set it once per run (`root=s3://<bucket>/<prefix>`); a placeholder
+    bucket (s3://your-bucket/…) is refused before anything starts. Unused (None) by the toy YAMLs."""
     idm: IDMConfig = field(default_factory=lambda: IDMConfig(model=TOY))
     train: TrainSection = field(
         default_factory=lambda: TrainSection(name="toy_idm", export="outputs/models/toy_idm")
@@ -860,6 +999,7 @@ class TrainIDMConfig:
     scaling: ScalingSection = field(default_factory=ScalingSection)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     allow_toy: bool = False
     """Let a run on a joined cluster (RAY_ADDRESS set) or on GPUs use toy values: a `toy` model, the toy corpus
     (outputs/toy_corpus/...), relative output paths. Off, `check_toy_values` refuses them there: a random model, or
@@ -876,6 +1016,10 @@ class TrainIDMConfig:
 class TrainWorldModelConfig:
     """`jobs/train_world_model.py`: the world model with the recognition-weighted loss."""
 
+    root: str | None = None
+    """The storage root of a model profile (configs/real/): its sections write every path as `${root}/…`, so each
+    stage reads what the one before it wrote. Set it once per run (`root=s3://<bucket>/<prefix>`); a placeholder
+    bucket (s3://your-bucket/…) is refused before anything starts. Unused (None) by the toy YAMLs."""
     world_model: WorldModelConfig = field(default_factory=lambda: WorldModelConfig(model=TOY))
     recognition: RecognitionConfig = field(default_factory=RecognitionConfig)
     train: TrainSection = field(
@@ -889,6 +1033,7 @@ class TrainWorldModelConfig:
     scaling: ScalingSection = field(default_factory=ScalingSection)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     allow_toy: bool = False
     """Let a run on a joined cluster (RAY_ADDRESS set) or on GPUs use toy values: a `toy` model, the toy corpus
     (outputs/toy_corpus/...), relative output paths. Off, `check_toy_values` refuses them there: a random model, or
@@ -1045,6 +1190,10 @@ class DecodeResources(StageResources):
 class AnnotateConfig:
     """`jobs/annotate.py`: videos → IDM-labelled, recognition-weighted, stratified triplets (Parquet)."""
 
+    root: str | None = None
+    """The storage root of a model profile (configs/real/): its sections write every path as `${root}/…`, so each
+    stage reads what the one before it wrote. Set it once per run (`root=s3://<bucket>/<prefix>`); a placeholder
+    bucket (s3://your-bucket/…) is refused before anything starts. Unused (None) by the toy YAMLs."""
     inputs: list[CorpusInput] = field(default_factory=lambda: [CorpusInput(name="toy")])
     """The corpora, each `{name, uri}`; on the command line `input=PATH` is one corpus named after its path."""
     output: str = f"{DEFAULT_OUTPUT_ROOT}/annotated"
@@ -1123,6 +1272,10 @@ class ServeConfig:
     per-deployment settings (`deployments:` with `user_config`), in the same file.
     """
 
+    root: str | None = None
+    """The storage root of a model profile (configs/real/): its sections write every path as `${root}/…`, so each
+    stage reads what the one before it wrote. Set it once per run (`root=s3://<bucket>/<prefix>`); a placeholder
+    bucket (s3://your-bucket/…) is refused before anything starts. Unused (None) by the toy YAMLs."""
     world_model: WorldModelConfig = field(default_factory=WorldModelConfig)
     idm: IDMConfig = field(default_factory=IDMConfig)
     """The verifier: best-of-N keeps the candidate under which the IDM finds the action most likely."""
@@ -1154,9 +1307,22 @@ def from_dict(cls: type[T], values: dict[str, Any] | None, source: str = "argume
         except OmegaConfBaseException as exc:
             raise ConfigError(_format_error(exc, str(config_file))) from None
     try:
-        return OmegaConf.to_object(OmegaConf.merge(cfg, OmegaConf.create(values or {})))  # type: ignore[return-value]
+        cfg = OmegaConf.merge(cfg, OmegaConf.create(values or {}))
     except OmegaConfBaseException as exc:
         raise ConfigError(_format_error(exc, source)) from None
+    return _to_object(cfg, source)  # type: ignore[no-any-return]
+
+
+def serve_config(args: dict[str, Any] | None) -> ServeConfig:
+    """The Serve application's `args` as a typed ServeConfig; `profile: PATH` lays them over a model profile's
+    `serve` section (configs/real/), so the pair's models, sizes and sampling are written once for every stage, and
+    `root:` moves its paths as on a job's command line. Here, not in cwm_ray.serve.app, so that a dry run of the
+    args (`python -m cwm_ray.serve --print-config`) needs neither Ray Serve nor torch."""
+    args = dict(args or {})
+    profile = args.pop("profile", None)
+    if profile is not None and not Path(profile).exists() and (REPO_ROOT / profile).exists():
+        profile = str(REPO_ROOT / profile)  # a path relative to the repository, wherever `serve` runs
+    return from_dict(ServeConfig, args, source="serve application args", config_file=profile)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1209,6 +1375,10 @@ WhatsUp, Kubric): the ones with a reference frame. Its other three (clevr, emu, 
 class EvaluateConfig:
     """`jobs/evaluate.py`: AURORA-format benchmark → predictions (best-of-N) → metrics, judge, report."""
 
+    root: str | None = None
+    """The storage root of a model profile (configs/real/): its sections write every path as `${root}/…`, so each
+    stage reads what the one before it wrote. Set it once per run (`root=s3://<bucket>/<prefix>`); a placeholder
+    bucket (s3://your-bucket/…) is refused before anything starts. Unused (None) by the toy YAMLs."""
     bench: str = f"{DEFAULT_OUTPUT_ROOT}/toy_corpus/gold/test.json"
     """AURORA-format JSON (local or s3://): a list of {input, output?, prompt | instruction, task, ...}."""
     tasks: list[str] = field(default_factory=list)
@@ -1241,6 +1411,7 @@ class EvaluateConfig:
     """Local directory or s3:// prefix: report/index.html, plots, results.json, results.parquet."""
     report_examples: int = 12
     storage: StorageConfig = field(default_factory=StorageConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     allow_toy: bool = False
     """Let a run on a joined cluster (RAY_ADDRESS set) or on GPUs use toy values: a `toy` model, the toy corpus
     (outputs/toy_corpus/...), relative output paths. Off, `check_toy_values` refuses them there: a random model, or
@@ -1251,6 +1422,10 @@ class EvaluateConfig:
 class EvaluateIDMConfig:
     """`jobs/evaluate_idm.py`: the IDM's accuracy on an AURORA-format test set, or of annotation's kept actions."""
 
+    root: str | None = None
+    """The storage root of a model profile (configs/real/): its sections write every path as `${root}/…`, so each
+    stage reads what the one before it wrote. Set it once per run (`root=s3://<bucket>/<prefix>`); a placeholder
+    bucket (s3://your-bucket/…) is refused before anything starts. Unused (None) by the toy YAMLs."""
     bench: str | None = f"{DEFAULT_OUTPUT_ROOT}/toy_corpus/gold/test.json"
     """AURORA-format JSON (local or s3://) with both frames per item; the IDM labels every pair."""
     triplets: str | None = None
@@ -1340,3 +1515,17 @@ class ReproduceConfig:
         if not (REPO_ROOT / "configs" / self.world_model_config).is_file():
             raise ConfigError(f"bad value for config key 'world_model_config': {self.world_model_config!r}; "
                               f"no such file in {REPO_ROOT / 'configs'}")
+        # Each stage's overrides are checked against that stage's job config now, as the stage will load them:
+        # a typo in evaluate_overrides used to surface only after the IDM had trained and the videos were annotated.
+        stages = {"corpus_overrides": (ToyCorpusConfig, "toy.yaml"),
+                  "idm_overrides": (TrainIDMConfig, "train_idm.yaml"),
+                  "annotate_overrides": (AnnotateConfig, "annotate.yaml"),
+                  "world_model_overrides": (TrainWorldModelConfig, self.world_model_config),
+                  "evaluate_overrides": (EvaluateConfig, "evaluate.yaml")}
+        for key, (cls, yaml_name) in stages.items():
+            overrides = getattr(self, key)
+            try:
+                load(cls, REPO_ROOT / "configs" / yaml_name, overrides)
+            except ConfigError as exc:
+                raise ConfigError(f"{key}, checked against {cls.__name__} (configs/{yaml_name}): "
+                                  + str(exc).replace("(from command line)", f"(in {key})")) from None

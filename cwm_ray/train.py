@@ -36,9 +36,10 @@ from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, R
 from ray.train.torch import TorchTrainer
 from transformers import get_scheduler
 
-from cwm_ray import storage
-from cwm_ray.config import TrainIDMConfig, TrainWorldModelConfig, accumulation_steps
+from cwm_ray import storage, tracking
+from cwm_ray.config import TrainIDMConfig, TrainWorldModelConfig, accumulation_steps, to_dict
 from cwm_ray.data import LOAD_TASK_CPUS, training_sets
+from cwm_ray.preflight import check_job_fits
 from cwm_ray.recognition import fade_to_uniform
 
 TrainConfig = TrainIDMConfig | TrainWorldModelConfig
@@ -491,6 +492,15 @@ def train_func(config: dict[str, Any]) -> None:
             print(f"[train] resumed from checkpoint at step {state['step']}", flush=True)
     step = state["step"]
 
+    # track: an MLflow run through Ray's setup_mlflow (rank 0 only; a resume continues the same run)
+    tracker = None
+    if cfg.tracking.enabled:
+        tracker = tracking.start(cfg.tracking, cfg.train.name, to_dict(cfg),
+                                 run_id=state.get("mlflow_run_id") if rank == 0 else None,
+                                 tags={"cwm_ray.job": f"train_{state['model']['kind']}"})
+        if rank == 0:
+            state["mlflow_run_id"] = tracker.active_run().info.run_id
+
     # loop
     shard = ray.train.get_dataset_shard("train")
     recognition = getattr(cfg, "recognition", None)  # world models only
@@ -545,6 +555,8 @@ def train_func(config: dict[str, Any]) -> None:
                 if rank == 0:
                     shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
                     print(f"[train] {shown}", flush=True)
+                if tracker is not None:  # the no-op module on ranks > 0
+                    tracker.log_metrics(tracking.numeric(metrics), step=step)
                 if _every(step, cfg.train.checkpoint_every) or last:
                     state |= {"step": step, "epoch": epoch, "epoch_batches": epoch_batches}
                     _checkpoint(engine, model, state, metrics)
@@ -554,6 +566,8 @@ def train_func(config: dict[str, Any]) -> None:
                 break
         if not got_batch:
             raise ValueError("the training shard is empty: fewer rows than one batch per worker")
+    if tracker is not None:
+        tracker.end_run()
 
 
 def _run_config(cfg: TrainConfig) -> RunConfig:
@@ -565,7 +579,7 @@ def _run_config(cfg: TrainConfig) -> RunConfig:
         failure_config=FailureConfig(max_failures=cfg.train.max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.num_to_keep),
         worker_runtime_env={"env_vars": {k: v for k, v in os.environ.items()
-                                         if k.startswith(("AWS_", "HF_", "CWM_RAY_"))}},
+                                         if k.startswith(("AWS_", "HF_", "CWM_RAY_", "MLFLOW_"))}},
     )
 
 
@@ -628,12 +642,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         cfg = dataclasses.replace(cfg, idm=storage.with_local_paths(cfg.idm))
     else:
         cfg = dataclasses.replace(cfg, world_model=storage.with_local_paths(cfg.world_model))
+    cfg = dataclasses.replace(cfg, tracking=tracking.resolve(cfg.tracking))  # one absolute URI for every worker
     info = model_info(cfg)
     check_run_kind(cfg, info)
     check_export(cfg, info)
     started_here = not ray.is_initialized()
     if started_here:
         ray.init(runtime_env={"env_vars": {"RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}})
+    check_job_fits(cfg)  # workers the cluster cannot hold, now or autoscaled: an error, not a wait without end
     _check_data_cpus(cfg, fixed_cluster=started_here)
     sets = training_sets(cfg.data, cfg.storage)
     epochs = cfg.optim.epochs
@@ -675,7 +691,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     summary = {"name": cfg.train.name, "steps": state["step"], "epochs": epochs, "train_rows": sets.train_rows,
                "global_batch_size": global_batch_size(cfg), "metrics": state["history"][-1],
                "history": state["history"], "resumed_from": state["resumed_from"],
-               "checkpoint": result.checkpoint.path, "export": cfg.train.export, "seconds": round(seconds, 1)}
+               "checkpoint": result.checkpoint.path, "export": cfg.train.export, "seconds": round(seconds, 1),
+               "mlflow_run_id": state.get("mlflow_run_id")}
     print(f"[train] done: {json.dumps(summary, default=str)}", flush=True)
     return summary
 

@@ -1,9 +1,12 @@
 """Evaluate a world model (+ IDM verifier) on an AURORA-format benchmark: best-of-N, metrics, judge, report.
 
     python jobs/evaluate.py                          # the toy models on the toy test set
-    python jobs/evaluate.py bench=s3://bucket/aurora-bench/test.json world_model.model=<id|path> \\
-        idm.model=<id|path> metrics.toy_judge=false judge.enabled=true judge.base_url=https://…/v1
+    python jobs/evaluate.py --config configs/real/qwen25vl7b_ip2p.yaml root=s3://my-bucket/cwm --print-config
     python jobs/evaluate.py endpoint=http://127.0.0.1:8000    # predictions from a running Serve app
+
+With a profile: AURORA-Bench from ${root}/aurora-bench/test.json, the base world model plus its LoRA adapter and
+the fine-tuned IDM from ${root}/models/, the LLM judge (its key in $OPENAI_API_KEY, checked before anything
+runs), the report to ${root}/eval/<pair>. Predictions are saved there before judging, so a re-run resumes.
 """
 
 from cwm_ray.config import EvaluateConfig, exit_if_unbuilt, run_job

@@ -2,7 +2,7 @@
 
     python jobs/evaluate_idm.py                                   # the toy IDM on the toy test set
     python jobs/evaluate_idm.py bench=null triplets=outputs/annotated/triplets   # annotation's kept actions
-    python jobs/evaluate_idm.py bench=s3://bucket/test.json idm.model=<id|path> toy_judge=false
+    python jobs/evaluate_idm.py --config configs/real/qwen25vl7b_ip2p.yaml root=s3://my-bucket/cwm --print-config
 """
 
 import sys

@@ -4,10 +4,11 @@
 """
 
 from cwm_ray.config import ToyCorpusConfig, run_job
-from cwm_ray.toyworld.corpus import make_corpus
 
 
 def main(cfg: ToyCorpusConfig) -> None:
+    from cwm_ray.toyworld.corpus import make_corpus  # video encoding and rendering: for a run only
+
     summary = make_corpus(cfg)
     print(
         f"toy corpus written to {summary['output']}: {summary['videos']} videos "

@@ -1,13 +1,19 @@
 """Train the inverse dynamics model with Ray Train + DeepSpeed.
 
     python jobs/train_idm.py                                   # the toy IDM, from scratch, on CPU
-    python jobs/train_idm.py idm.model=<hf id|path|s3://> idm.lora.enabled=true \\
-        scaling.num_workers=8 scaling.use_gpu=true train.storage_path=s3://bucket/runs \\
-        data.sources='[{uri: s3://bucket/aurora/train.json}]'
+    python jobs/train_idm.py --config configs/real/qwen25vl7b_ip2p.yaml root=s3://my-bucket/cwm --print-config
+    ray job submit --working-dir . -- python jobs/train_idm.py --config configs/real/qwen25vl7b_ip2p.yaml \\
+        --config configs/cluster/train_idm_p4d.yaml root=s3://my-bucket/cwm   # reads ${root}/aurora/train.json
 """
 
 from cwm_ray.config import TrainIDMConfig, run_job
-from cwm_ray.train import train
+
+
+def main(cfg: TrainIDMConfig) -> None:
+    from cwm_ray.train import train  # torch, peft and Ray Train: imported for a run only, so --help answers at once
+
+    train(cfg)
+
 
 if __name__ == "__main__":
-    run_job(train, TrainIDMConfig, default_config="configs/train_idm.yaml")
+    run_job(main, TrainIDMConfig, default_config="configs/train_idm.yaml")

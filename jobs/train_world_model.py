@@ -1,14 +1,20 @@
 """Train the world model (recognition-weighted loss) with Ray Train + DeepSpeed.
 
     python jobs/train_world_model.py                           # the toy world model, on CPU
-    python jobs/train_world_model.py world_model.model=timbrooks/instruct-pix2pix \\
-        world_model.lora.enabled=true world_model.resolution=256 scaling.num_workers=8 \\
-        scaling.use_gpu=true train.storage_path=s3://bucket/runs \\
-        data.sources='[{uri: s3://bucket/aurora/train.json}, {uri: s3://bucket/annotated/triplets, weight: 3}]'
+    python jobs/train_world_model.py --config configs/real/qwen25vl7b_ip2p.yaml root=s3://my-bucket/cwm --print-config
+    ray job submit --working-dir . -- python jobs/train_world_model.py \\
+        --config configs/real/qwen25vl7b_ip2p.yaml --config configs/cluster/train_world_model_p4d.yaml \\
+        root=s3://my-bucket/cwm     # AURORA + annotate's triplets under ${root}, the LoRA export to ${root}/models/
 """
 
 from cwm_ray.config import TrainWorldModelConfig, run_job
-from cwm_ray.train import train
+
+
+def main(cfg: TrainWorldModelConfig) -> None:
+    from cwm_ray.train import train  # torch, diffusers and Ray Train: for a run only, so --help answers at once
+
+    train(cfg)
+
 
 if __name__ == "__main__":
-    run_job(train, TrainWorldModelConfig, default_config="configs/train_world_model.yaml")
+    run_job(main, TrainWorldModelConfig, default_config="configs/train_world_model.yaml")

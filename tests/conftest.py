@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
 from collections.abc import Iterator
 
 import boto3
@@ -13,6 +14,10 @@ from cwm_ray import storage
 from cwm_ray.config import StorageConfig
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Training and evaluation log to MLflow by default (outputs/mlruns); the suite's runs go to a store of their own
+# instead of the checkout's outputs/ (subprocess jobs and Ray workers inherit it). Tests of tracking set their own.
+os.environ.setdefault("MLFLOW_TRACKING_URI", tempfile.mkdtemp(prefix="cwm-test-mlruns-"))
+os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # for the tests' own MlflowClient reading a file store
 
 
 def _free_port() -> int:

@@ -260,7 +260,7 @@ def test_rayjob_entrypoints_are_real_jobs_with_valid_configs():
 
 
 def test_serve_import_paths_exist():
-    sources = [ROOT / "configs" / "serve.yaml", *PROFILES.glob("serve_*.yaml")]
+    sources = [*(ROOT / "configs").glob("serve*.yaml"), *PROFILES.glob("serve_*.yaml")]
     apps = [a for p in sources for a in _serve_applications(p)]
     apps += [a for _, d in _ray_docs("RayService") for a in yaml.safe_load(d["spec"]["serveConfigV2"])["applications"]]
     assert len(apps) >= 3
@@ -297,8 +297,8 @@ def test_gpu_serve_profile_differs_from_serve_yaml_only_where_documented():
 
     def strip(apps: list[dict[str, Any]]) -> list[dict[str, Any]]:
         apps = copy.deepcopy(apps)
-        for app in apps:  # the models come from configs/serve.yaml's toy paths or a model profile
-            for key in ("world_model", "idm", "profile"):
+        for app in apps:  # the models come from configs/serve.yaml's toy paths or a model profile (and its root)
+            for key in ("world_model", "idm", "profile", "root"):
                 app["args"].pop(key, None)
             for deployment in app["deployments"]:
                 deployment.get("ray_actor_options", {}).pop("num_gpus", None)
@@ -310,12 +310,52 @@ def test_gpu_serve_profile_differs_from_serve_yaml_only_where_documented():
     assert strip(gpu_apps) == strip(reference)
     cfg = serve_config(gpu_apps[0]["args"])
     assert cfg.world_model.model != "toy" and cfg.idm.model.startswith("s3://")
+    assert cwm_config.find_placeholders(cfg)[0] == "root=s3://your-bucket/cwm"  # refused by build_app until set
     gpus = {d["name"]: d.get("ray_actor_options", {}).get("num_gpus", 0) for d in gpu_apps[0]["deployments"]}
     assert gpus["WorldModel"] > 0 and gpus["Verifier"] > 0
     gpu_infer = _aws()["available_node_types"]["gpu_infer"]
     replicas = sum(d["autoscaling_config"]["max_replicas"] * d["ray_actor_options"]["num_gpus"]
                    for d in gpu_apps[0]["deployments"] if "autoscaling_config" in d)
     assert replicas <= gpu_infer["max_workers"] * gpu_infer["resources"]["GPU"]
+
+
+def _serves_the_trained_pair(args: dict[str, Any], root: str) -> None:
+    """A Serve app's args serve what the profile's stages trained under `root`: the base world model plus the LoRA
+    adapter its training exported (never the adapter folder as the base), and the fine-tuned IDM."""
+    cfg = serve_config(args)
+    profile = ROOT / args["profile"]
+    trained_wm = load(TrainWorldModelConfig, profile, [f"root={root}"])
+    assert cfg.world_model.model == trained_wm.world_model.model  # the hub's base checkpoint
+    assert cfg.world_model.adapter == trained_wm.train.export and trained_wm.world_model.lora.enabled
+    assert cfg.idm.model == load(TrainIDMConfig, profile, [f"root={root}"]).train.export  # merged LoRA: a model
+    assert cfg.root == root
+
+
+def test_the_serve_recipes_set_the_root_and_serve_base_model_plus_adapter():
+    """docs/cluster.md's yq recipes (AWS, KubeRay) once replaced the base model with the adapter-only export."""
+    text = (ROOT / "docs" / "cluster.md").read_text()
+    recipes = [r for r in re.findall(r"yq '(.*?)'", text, re.S) if ".applications[0]" in r]  # the app's args
+    assert len(recipes) == 2 and all("configs/cluster/serve_g5.yaml" in text.split(r, 1)[1][:100] for r in recipes)
+    for recipe in recipes:
+        assert ".args.root = " in recipe and ".model =" not in recipe, recipe
+        root = re.search(r'\.args\.root = "([^"]+)"', recipe).group(1)
+        _serves_the_trained_pair(_serve_applications(PROFILES / "serve_g5.yaml")[0]["args"] | {"root": root}, root)
+
+
+def test_the_one_gpu_serve_config_binds_loopback_and_fits_one_gpu():
+    from cwm_ray.serve.app import check_open_endpoint, is_loopback
+
+    local = _yaml(ROOT / "configs" / "serve_gpu_local.yaml")
+    ServeDeploySchema.model_validate(local)
+    assert is_loopback(local["http_options"]["host"])
+    (app,) = local["applications"]
+    deployments = {d["name"]: d for d in app["deployments"]}
+    gpus = sum(d.get("num_replicas", 1) * d.get("ray_actor_options", {}).get("num_gpus", 0)
+               for d in deployments.values())
+    assert deployments["WorldModel"]["ray_actor_options"]["num_gpus"] > 0 and 0 < gpus <= 1
+    assert all("autoscaling_config" not in d for d in deployments.values())  # one node: nothing to scale onto
+    _serves_the_trained_pair(app["args"] | {"root": "s3://acme/cwm"}, "s3://acme/cwm")
+    check_open_endpoint(serve_config(app["args"]), local["http_options"]["host"], environ={})  # no keys needed
 
 
 # --------------------------------------------------------------------------------------------------

@@ -166,6 +166,8 @@ class JudgeServer:
     def __init__(self) -> None:
         self.calls: list[str] = []
         self.flaky_failures = 0
+        self.down = False
+        """Answer every call with a 500 (an outage that outlasts the client's retries)."""
         app = FastAPI()
 
         @app.post("/v1/chat/completions")
@@ -175,6 +177,8 @@ class JudgeServer:
             images = [p for p in body["messages"][0]["content"] if p["type"] == "image_url"]
             assert len(images) == 2 and images[0]["image_url"]["url"].startswith("data:image/png;base64,")
             self.calls.append(text)
+            if self.down:
+                return JSONResponse({"error": {"message": "down", "type": "server_error"}}, status_code=500)
             if "FLAKY" in text and self.flaky_failures < 1:
                 self.flaky_failures += 1
                 return JSONResponse({"error": {"message": "overloaded", "type": "server_error"}}, status_code=503)
@@ -362,3 +366,67 @@ def test_evaluate_takes_the_token_backend(tmp_path: Path, tiny_models: dict[str,
     model_rows = [r for r in rows if r["system"] != "copy"]
     assert len(model_rows) == 2 * 3 and all(r["toy_score"] is not None for r in model_rows)  # judged toy images
     assert all(isinstance(r["verifier_logp"], float) for r in model_rows)
+
+
+def test_predictions_are_saved_before_judging_and_a_rerun_resumes_from_them(tmp_path: Path,
+                                                                            tiny_models: dict[str, str]) -> None:
+    """The judge fails (500s past the client's retries): the predictions are on disk already, and the same command
+    run again reuses them, with no sampling, and asks the judge only what it could not answer."""
+    import dataclasses
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    from cwm_ray.evaluate.pipeline import evaluate, load_predictions
+
+    shutil.copytree(tiny_models["wm"], tmp_path / "wm")  # a copy: it is removed below
+    bench = _bench(tmp_path / "bench", n=3)
+    store = tmp_path / "mlruns"
+    with JudgeServer() as server:
+        cfg = load(EvaluateConfig, REPO / "configs" / "evaluate.yaml", [
+            f"bench={bench}", f"world_model.model={tmp_path / 'wm'}", "world_model.resolution=32",
+            "world_model.num_inference_steps=2", f"idm.model={tiny_models['idm']}", "idm.image_size=32",
+            "best_of=[1,2]", f"output={tmp_path / 'eval'}", "judge.enabled=true", "judge.max_retries=0",
+            f"judge.base_url={server.base_url}", f"judge.cache_dir={tmp_path / 'cache'}",
+            "world_model_stage.batch_size=4", "verifier_stage.batch_size=4", f"tracking.uri={store}"])
+        server.down = True
+        first = _evaluate_on_local_ray(cfg)
+        assert not first["predictions_reused"] and first["judge_status"] == {"error": 3 * 3}
+        assert (tmp_path / "eval" / "predictions" / "predictions.parquet").is_file()
+        calls = len(server.calls)
+
+        server.down = False
+        shutil.rmtree(tmp_path / "wm")  # sampling again would fail now: the re-run must not sample
+        second = evaluate(cfg)  # no Ray either: nothing is predicted
+        assert second["predictions_reused"] and second["judge_status"] == {"ok": 3 * 3}
+        assert len(server.calls) == 2 * calls  # each distinct image judged once more (rows may share one)
+        third = evaluate(cfg)  # again: every answer cached now, no judge call at all
+        assert third["judge_status"] == {"ok": 3 * 3} and len(server.calls) == 2 * calls
+
+    # the same candidates and verifier scores, so the same choices
+    assert [r["verifier_logp"] for r in first["overall"]] == [r["verifier_logp"] for r in second["overall"]]
+    # another config (seed), or more candidates than were saved, predicts anew; fewer reuse the first ones
+    items = load_bench(str(bench))
+    assert load_predictions(items, dataclasses.replace(cfg, seed=1)) is None
+    assert load_predictions(items, dataclasses.replace(cfg, best_of=[1, 4])) is None
+    (one,) = {len(p.candidates) for p in load_predictions(items, dataclasses.replace(cfg, best_of=[1]))}
+    assert one == 1
+    # each evaluation is an MLflow run: the config as parameters, the summary table as metrics
+    client = MlflowClient(store.as_uri())
+    runs = client.search_runs([client.get_experiment_by_name("cwm_ray").experiment_id])
+    assert len(runs) == 3 and all(r.data.params["best_of"] == "[1, 2]" for r in runs)
+    judged = [r for r in runs if "world_model_best_of_2/judge_score" in r.data.metrics]
+    assert len(judged) == 2  # the first run's judge failed: no judge score logged for it
+    assert all("world_model_best_of_1/toy_b/verifier_logp" in r.data.metrics for r in runs)
+
+
+def test_a_missing_judge_key_stops_evaluation_before_any_prediction(tmp_path: Path) -> None:
+    from cwm_ray.config import ConfigError
+    from cwm_ray.evaluate.pipeline import evaluate
+
+    cfg = load(EvaluateConfig, REPO / "configs" / "evaluate.yaml", [
+        f"bench={tmp_path / 'nowhere.json'}", "judge.enabled=true", "judge.api_key_env=CWM_TEST_NO_SUCH_KEY",
+        f"output={tmp_path / 'eval'}"])
+    with pytest.raises(ConfigError, match=r"judge.enabled needs an API key in \$CWM_TEST_NO_SUCH_KEY"):
+        evaluate(cfg)
+    assert not (tmp_path / "eval").exists()

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from cwm_ray.config import (
+    PATH_SETTINGS,
     PROFILE_SECTIONS,
     TOY,
     AnnotateConfig,
@@ -24,6 +25,8 @@ from cwm_ray.config import (
     ServeConfig,
     TrainIDMConfig,
     TrainWorldModelConfig,
+    _leaves,
+    find_placeholders,
     load,
     to_dict,
 )
@@ -200,3 +203,36 @@ def test_an_idm_adapter_export_needs_lora() -> None:
         load(TrainIDMConfig, REAL[0], ["idm.lora.enabled=false", "idm.lora_export=adapter"])
     with pytest.raises(ConfigError, match="idm.lora_export.*merged, adapter"):
         load(TrainIDMConfig, REAL[0], ["idm.lora_export=peft"])
+
+
+@pytest.mark.parametrize("profile", REAL, ids=lambda p: p.stem)
+def test_one_root_chains_every_stage(profile: Path) -> None:
+    """Each stage reads what the one before wrote, with `root=` the only setting given (no hand-edited path)."""
+    root = "s3://acme/cwm"
+    train_idm, annotate, train_wm, evaluate, evaluate_idm = (
+        load(cls, profile, [f"root={root}"])
+        for cls in (TrainIDMConfig, AnnotateConfig, TrainWorldModelConfig, EvaluateConfig, EvaluateIDMConfig))
+    serve = serve_config({"profile": str(profile), "root": root})
+    stages = {"train_idm": train_idm, "annotate": annotate, "train_world_model": train_wm, "serve": serve,
+              "evaluate": evaluate, "evaluate_idm": evaluate_idm}
+    for name, cfg in stages.items():  # every storage path is under the root (the models' bases are hub ids)
+        paths = [(k, v) for k, v, _, field_name in _leaves(cfg) if field_name in PATH_SETTINGS and isinstance(v, str)
+                 and "://" in v]
+        assert paths and all(v.startswith(f"{root}/") or k == "root" for k, v in paths), (name, paths)
+        assert find_placeholders(cfg) == [], name
+    # AURORA (scripts/prepare_aurora.py writes it there) → the IDM → its export, which every later stage loads
+    assert train_idm.data.sources[0].uri == f"{root}/aurora/train.json"
+    assert evaluate.bench == evaluate_idm.bench == f"{root}/aurora-bench/test.json"
+    assert [c.uri for c in annotate.inputs] == [f"{root}/videos/{c.name}/" for c in annotate.inputs]
+    for cfg in (annotate, evaluate, evaluate_idm, serve):  # merged, or an adapter over the base (single-model)
+        assert train_idm.train.export in (cfg.idm.model, cfg.idm.adapter), type(cfg).__name__
+    # annotation's triplets (Parquet, with their stored maps) are a source of the world model's training
+    assert f"{annotate.output}/triplets" in [s.uri.rstrip("/") for s in train_wm.data.sources]
+    # serve and evaluate: the base world model plus the adapter its LoRA training exported, never the adapter alone
+    assert train_wm.world_model.lora.enabled
+    for cfg in (serve, evaluate):
+        assert cfg.world_model.model == train_wm.world_model.model and "://" not in cfg.world_model.model
+        assert cfg.world_model.adapter == train_wm.train.export
+    # the shipped profile: one placeholder, the root, and every path moves with it
+    shipped = [f.split("=")[0] for f in find_placeholders(load(TrainWorldModelConfig, profile))]
+    assert shipped[0] == "root" and all(k != "root" for k in shipped[1:])

@@ -97,8 +97,10 @@ def test_world_model_loss_decreases_and_rerun_resumes(ray_local: None, gold: str
 
     model_dir = tmp_path / "tiny_wm"
     build_toy_world_model(str(model_dir), resolution=32, block_out_channels=(16, 32), patch_size=2)
+    store = tmp_path / "mlruns"  # a real MLflow file store
     args = [f"world_model.model={model_dir}", "world_model.resolution=32", "train.name=wm", "optim.lr=2e-3",
-            "train.checkpoint_every=8", *_common(tmp_path, gold, str(tmp_path / "runs"))]
+            "train.checkpoint_every=8", f"tracking.uri={store}", "tracking.experiment=cwm_test",
+            *_common(tmp_path, gold, str(tmp_path / "runs"))]
     first = train(load(TrainWorldModelConfig, None, [*args, "optim.max_steps=24"]))
     losses = [m["loss"] for m in first["history"]]
     assert first["steps"] == 24 and losses[-1] < losses[0]
@@ -106,6 +108,20 @@ def test_world_model_loss_decreases_and_rerun_resumes(ray_local: None, gold: str
     # A re-run with the same name continues from the latest checkpoint instead of starting over.
     second = train(load(TrainWorldModelConfig, None, [*args, "optim.max_steps=28"]))
     assert second["steps"] == 28 and second["resumed_from"] == [24]
+    # Both went to one MLflow run, through Ray's setup_mlflow on rank 0 only: the resolved config as parameters,
+    # the logged metrics by step, the resumed steps appended.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(store.as_uri())
+    (run,) = client.search_runs([client.get_experiment_by_name("cwm_test").experiment_id])
+    assert run.info.run_name == "wm" and run.info.status == "FINISHED" and run.info.run_id == second["mlflow_run_id"]
+    params = run.data.params
+    assert params["optim/lr"] == "0.002" and params["world_model/model"] == str(model_dir)
+    assert params["train/storage_path"] == str(tmp_path / "runs") and params["scaling/num_workers"] == "2"
+    loss = client.get_metric_history(run.info.run_id, "loss")
+    assert [m.step for m in loss] == list(range(2, 29, 2))
+    assert [m.value for m in loss][:12] == pytest.approx(losses)
+    assert {m.step for m in client.get_metric_history(run.info.run_id, "val_loss")} == {4, 8, 12, 16, 20, 24, 28}
     # Resuming with another worker count cannot re-partition ZeRO's optimizer state: a clear error, no load.
     with pytest.raises(Exception, match=r"checkpointed by 2 worker\(s\).*scaling\.num_workers=2"):
         train(load(TrainWorldModelConfig, None, [*args, "optim.max_steps=32", "scaling.num_workers=1",
@@ -118,9 +134,8 @@ def test_world_model_loss_decreases_and_rerun_resumes(ray_local: None, gold: str
 def test_bad_training_config_is_rejected_before_ray_starts(tmp_path: Path) -> None:
     from cwm_ray.train import train
 
-    cfg = load(TrainIDMConfig, None, ["deepspeed.zero_stage=3"])
-    with pytest.raises(ValueError, match="zero_stage"):
-        train(cfg)
+    with pytest.raises(ValueError, match="zero_stage"):  # now when the config is built (--print-config too)
+        train(load(TrainIDMConfig, None, ["deepspeed.zero_stage=3"]))
     cfg = load(TrainIDMConfig, None, [f"data.sources=[{{uri: {tmp_path}/missing.json}}]"])
     with pytest.raises(FileNotFoundError, match="missing.json"):
         train(cfg)
@@ -213,8 +228,10 @@ def test_a_relative_model_path_reaches_the_workers(ray_local: None, gold: str, t
     build_toy_idm("models/tiny", hidden_size=32, text_layers=1)
     cfg = load(TrainIDMConfig, None, ["idm.model=models/tiny", "train.name=rel", "optim.max_steps=2",
                                       "deepspeed.enabled=false", *_common(tmp_path, gold, "runs"),
-                                      "scaling.num_workers=1", "train.eval_every=0"])
-    assert train(cfg)["steps"] == 2
+                                      "scaling.num_workers=1", "train.eval_every=0",
+                                      "tracking.enabled=false", "tracking.uri=mlruns"])  # tracking off: one setting
+    summary = train(cfg)
+    assert summary["steps"] == 2 and summary["mlflow_run_id"] is None and not (tmp_path / "mlruns").exists()
 
 
 def test_idm_trains_with_ddp_on_two_workers(ray_local: None, gold: str, tmp_path: Path) -> None:

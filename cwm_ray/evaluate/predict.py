@@ -23,6 +23,7 @@ import pandas as pd
 from cwm_ray import storage
 from cwm_ray.config import EvaluateConfig, IDMConfig, StageResources, WorldModelConfig
 from cwm_ray.evaluate.bench import BenchItem
+from cwm_ray.preflight import check_job_fits
 
 
 @dataclass
@@ -104,6 +105,7 @@ def predict_offline(items: Sequence[BenchItem], cfg: EvaluateConfig) -> list[Pre
 
     if not ray.is_initialized():
         ray.init(runtime_env={"env_vars": {"RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}})
+    check_job_fits(cfg)  # actor pools the cluster cannot hold, now or autoscaled: an error, not a wait
     n = max(cfg.best_of)
     wm_cfg, idm_cfg = storage.with_local_paths(cfg.world_model), storage.with_local_paths(cfg.idm)
     ds = ray.data.from_items([{"id": it.id, "source": it.source, "action": it.action} for it in items],

@@ -4,7 +4,9 @@
     serve deploy configs/serve.yaml              # onto a running cluster (KubeRay: the same file's app)
 
 `args` is a `ServeConfig` (typed, unknown keys are errors), optionally laid over a model profile's `serve`
-section: `serve run cwm_ray.serve.app:build_app profile=configs/real/qwen25vl7b_ip2p.yaml`. Replicas,
+section: `serve run cwm_ray.serve.app:build_app profile=configs/real/qwen25vl7b_ip2p.yaml root=s3://my-bucket/cwm`
+(the profile's base model plus the LoRA adapter its training wrote under `root`). A dry run of the args, with no
+Ray and no model: `python -m cwm_ray.serve --print-config configs/cluster/serve_g5.yaml root=...`. Replicas,
 autoscaling, `num_gpus` and batch sizes are Ray Serve's per-deployment settings in the same file, so a
 cluster operator tunes them without touching Python.
 """
@@ -25,7 +27,15 @@ from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
 from cwm_ray import storage
-from cwm_ray.config import REPO_ROOT, ConfigError, ServeConfig, from_dict, to_dict
+from cwm_ray.config import (
+    ConfigError,
+    ServeConfig,
+    find_placeholders,
+    from_dict,
+    placeholder_message,
+    serve_config,
+    to_dict,
+)
 from cwm_ray.serve.api import PredictRequest, RolloutRequest, Service, create_app, playground_html
 from cwm_ray.serve.deployments import VerifierDeployment, WorldModelDeployment
 
@@ -75,21 +85,11 @@ def _resolved(cfg: ServeConfig) -> ServeConfig:
     cfg = dataclasses.replace(cfg, world_model=storage.with_local_paths(cfg.world_model),
                               idm=storage.with_local_paths(cfg.idm))
     for field, model in (("world_model", cfg.world_model.model), ("idm", cfg.idm.model)):
-        looks_local = model.startswith((".", "/", "~")) or model.count("/") >= 2  # hub ids are "org/name"
+        looks_local = not storage.is_s3(model) and (model.startswith((".", "/", "~")) or model.count("/") >= 2)
         if model != "toy" and looks_local and not Path(model).exists():
             raise ConfigError(f"{field}.model: no model at {model}. Train the toy models with `make toy-models`, "
                               f"or set args.{field}.model to a Hugging Face id, a local path or an s3:// URI.")
     return cfg
-
-
-def serve_config(args: dict[str, Any] | None) -> ServeConfig:
-    """The application `args` as a typed ServeConfig; `profile: PATH` lays them over a model profile's `serve`
-    section (configs/real/), so the pair's models, sizes and sampling are written once for every stage."""
-    args = dict(args or {})
-    profile = args.pop("profile", None)
-    if profile is not None and not Path(profile).exists() and (REPO_ROOT / profile).exists():
-        profile = str(REPO_ROOT / profile)  # a path relative to the repository, wherever `serve` runs
-    return from_dict(ServeConfig, args, source="serve application args", config_file=profile)
 
 
 def is_loopback(host: str) -> bool:
@@ -137,7 +137,13 @@ def serve_http_host() -> str | None:
 
 def build_app(args: dict[str, Any] | None = None) -> Application:
     """The application graph: Ingress → (WorldModel, Verifier). Called by `serve run` / `serve deploy`."""
-    cfg = _resolved(serve_config(args))
+    cfg = serve_config(args)
+    if found := find_placeholders(cfg):  # before a replica asks for a GPU and fails to load from it
+        raise ConfigError(placeholder_message(found))
+    cfg = _resolved(cfg)
+    from cwm_ray.preflight import preflight
+
+    preflight(cfg)  # models on S3 or the Hub: found, and fetchable
     check_open_endpoint(cfg, serve_http_host())
     largest = cfg.limits.max_best_of
     world_model = WorldModelDeployment.bind(to_dict(cfg.world_model), largest)

@@ -938,7 +938,8 @@ class OptimSection:
         for key in ("epochs", "max_steps", "batch_size", "global_batch_size"):
             value = getattr(self, key)
             if value is not None and value <= 0:
-                raise ConfigError(f"bad value for config key 'optim.{key}': {value}; use a positive number")
+                least = "a positive number" if key == "epochs" else "1 or more"  # epochs may be fractional
+                raise ConfigError(f"bad value for config key 'optim.{key}': {value}; use {least}")
 
 
 def accumulation_steps(optim: OptimSection, scaling: ScalingSection) -> int:

@@ -428,4 +428,4 @@ def test_training_profiles_fit_the_training_nodes():
     _fits_training(cfg, [(_gpus(g), _cpus(g), g["maxReplicas"]) for g in groups], k8s_infer_cpus)
     with pytest.raises(AssertionError):  # 24 workers do not fit 2 nodes of 8 GPUs
         _fits_training(load(TrainWorldModelConfig, _split_configs(args)[0],
-                            ["scaling.num_workers=24"]), aws_train, infer_cpus)
+                            ["scaling.num_workers=24", "optim.batch_size=4"]), aws_train, infer_cpus)

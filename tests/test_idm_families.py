@@ -28,6 +28,7 @@ import random
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -164,8 +165,8 @@ def test_a_row_scores_and_labels_the_same_alone_or_padded_in_a_batch(family: tup
     """Rows whose prompts differ in length (frames of other shapes: Qwen's dynamic resolution, Idefics3's image
     splitting) are left-padded for `generate` and the prompt, and answers of other lengths right-padded: each row
     must label and score as it does alone, with exactly its padding masked. LLaVA-1.5 crops every frame to one
-    size, so its prompts never differ and only the answers pad; causal attention hides right padding by itself,
-    so for it only the mask check can see a broken mask."""
+    size and Janus resizes it to one, so their prompts never differ and only the answers pad; causal attention
+    hides right padding by itself, so for them only the mask check can see a broken mask."""
     name, path = family
     if name == "idefics3":
         path = _with_image_splitting(path, tmp_path / "split")
@@ -183,7 +184,7 @@ def test_a_row_scores_and_labels_the_same_alone_or_padded_in_a_batch(family: tup
     np.testing.assert_allclose([lab.logprob for lab in labels], [lab.logprob for lab in alone_labels], atol=1e-4)
 
     prompt_lengths = [idm._prompt_inputs([s], [t])["input_ids"].shape[1] for s, t, _ in rows]
-    if name != "llava":
+    if name not in ("llava", "janus"):  # both resize every frame to one size (Janus: its SigLIP's 384 px)
         assert prompt_lengths[0] != prompt_lengths[1], prompt_lengths  # the prompts really are padded
     answer_lengths = [len(idm._answer_ids(a)) for a in actions]
     assert answer_lengths[0] != answer_lengths[1]
@@ -363,7 +364,8 @@ def mixed_videos(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _job(script: str, *args: str, timeout: int = 420) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1")
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run([sys.executable, f"jobs/{script}", "--config", str(PROFILE), *args], cwd=REPO, env=env,
+    root = f"root={tempfile.gettempdir()}/cwm_test_root"  # not the profile's placeholder; every path used is given
+    proc = subprocess.run([sys.executable, f"jobs/{script}", "--config", str(PROFILE), root, *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{script} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return proc
@@ -384,7 +386,8 @@ def test_train_evaluate_and_annotate_through_the_jobs(name: str, corpus224: Path
     cpu = ["scaling.use_gpu=false", "deepspeed.enabled=false", "deepspeed.bf16=false", "scaling.cpus_per_worker=1"]
     _job("train_idm.py", f"idm.model={base}", "idm.dtype=float32", f"train.storage_path={tmp_path / 'runs'}",
          f"train.export={export}", f"data.sources=[{{uri: {corpus224 / 'gold' / 'train.json'}}}]",
-         "optim.max_steps=2", "optim.batch_size=4", "optim.warmup_steps=1", "train.log_every=1", *cpu)
+         "optim.epochs=null", "optim.global_batch_size=null", "optim.max_steps=2", "optim.batch_size=4",
+         "optim.warmup_steps=1", "train.log_every=1", *cpu)
     exported = AutoModelForImageTextToText.from_pretrained(export)
     assert type(exported).__name__ == MODEL_CLASSES[name].__name__  # LoRA merged into the family's own class
     before, after = load_file(Path(base) / "model.safetensors"), load_file(export / "model.safetensors")

@@ -73,7 +73,7 @@ def test_s3_models_need_files_under_the_prefix(s3_bucket: str) -> None:
     with pytest.raises(ConfigError, match=rf"data.sources.0.uri: nothing at {root}/aurora/train.json"):
         preflight(cfg)
     storage.write_text(f"{root}/aurora/train.json", "[]")
-    with pytest.raises(ConfigError, match=rf"data.sources.1.uri: nothing at {root}/annotated/.*/aurora/train.json"):
+    with pytest.raises(ConfigError, match=rf"data.sources.1.uri: nothing at {root}/annotated/.*/triplets/"):
         preflight(cfg)
     storage.write_text(f"{root}/annotated/qwen25vl7b_ip2p/aurora/train.json", "[]")
     preflight(cfg)
@@ -201,7 +201,8 @@ def test_gpu_asks_on_a_cluster_without_gpus_are_refused_not_waited_for() -> None
     check_cluster_fits(job_asks(wired), AUTOSCALING)  # 8 x {CPU 10, GPU 1}: one p4d node
     with pytest.raises(ConfigError, match=r"the job asks for 24 GPU at once \(scaling 24 x 1\), and the cluster has "
                                           r"at most 16 with its autoscaler's node types"):
-        check_cluster_fits(job_asks(load(TrainIDMConfig, [PROFILE], ["root=s3://a/b", "scaling.num_workers=24"])),
+        check_cluster_fits(job_asks(load(TrainIDMConfig, [PROFILE], ["root=s3://a/b", "scaling.num_workers=24",
+                                                                            "optim.global_batch_size=96"])),
                            AUTOSCALING)
 
 

@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +38,8 @@ ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors"}
 def _job(script: str, *args: str) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1")
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run([sys.executable, f"jobs/{script}", "--config", str(PROFILE), *args], cwd=REPO, env=env,
+    root = f"root={tempfile.gettempdir()}/cwm_test_root"  # not the profile's placeholder; every path used is given
+    proc = subprocess.run([sys.executable, f"jobs/{script}", "--config", str(PROFILE), root, *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{script} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return proc
@@ -68,7 +70,8 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
              "annotated": root / "annotated", "eval": root / "eval"}
     train = ["optim.warmup_steps=1", "train.log_every=1", f"train.storage_path={root / 'runs'}", *CPU]
     _job("train_idm.py", f"idm.model={base}", "idm.dtype=float32", f"train.export={paths['idm']}",
-         f"data.sources=[{{uri: {gold / 'train.json'}}}]", "optim.max_steps=4", "optim.batch_size=4",
+         f"data.sources=[{{uri: {gold / 'train.json'}}}]", "optim.epochs=null",
+         "optim.global_batch_size=null", "optim.max_steps=4", "optim.batch_size=4",
          "optim.lr=5.0e-3", *train)
     idm = [f"idm.model={base}", f"idm.adapter={paths['idm']}", "idm.dtype=float32", "idm.max_new_tokens=4"]
     _job("annotate.py", f"inputs=[{{name: toy, uri: {corpus / 'videos'}}}]", f"output={paths['annotated']}", *idm,
@@ -77,7 +80,7 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     annotated = paths["annotated"] / "triplets"  # Parquet, with annotation's recognition maps
     _job("train_world_model.py", f"world_model.model={base}", "world_model.dtype=float32",
          f"train.export={paths['wm']}", f"data.sources=[{{uri: {gold / 'train.json'}}}, {{uri: {annotated}}}]",
-         "optim.max_steps=2", "optim.batch_size=2", *train)
+         "optim.epochs=null", "optim.global_batch_size=null", "optim.max_steps=2", "optim.batch_size=2", *train)
     _job("evaluate.py", f"bench={gold / 'test.json'}", f"world_model.model={base}",
          f"world_model.adapter={paths['wm']}", "world_model.dtype=float32", *idm, "best_of=[1,2]",
          f"output={paths['eval']}", "judge.enabled=false", "metrics.clip_model=null", "metrics.dino_model=null",

@@ -252,10 +252,10 @@ def _sample_unshared(wm: TokenWorldModel, sources: list[bytes], actions: list[st
     with torch.no_grad():
         embeds = m.embed(ids, is_image)
         embeds[:, -1] = m.fuse(embeds[:, -1:], source[:, :1])[:, 0]
-        out = m.run(embeds, mask, positions, cache=DynamicCache(config=wm.model.config.text_config))
+        hidden, cache = m.run(embeds, mask, positions, cache=DynamicCache(config=wm.model.config.text_config))
         codes = []
         for p in range(m.grid**2):
-            logits = m.image_logits(out.last_hidden_state[:, -1]).float()
+            logits = m.image_logits(hidden[:, -1]).float()
             if guided:
                 cond, uncond = logits.chunk(2)
                 logits = uncond + opts.guidance_scale * (cond - uncond)
@@ -266,7 +266,7 @@ def _sample_unshared(wm: TokenWorldModel, sources: list[bytes], actions: list[st
             positions = positions[:, -1:] + 1
             fused = m.fuse(wm.model.prepare_embeddings_for_image_generation(step[:, None]),
                            source[:, p + 1:p + 2] if p + 1 < m.grid**2 else source[:, :1])
-            out = m.run(fused, mask, positions, cache=out.cache)
+            hidden, cache = m.run(fused, mask, positions, cache=cache)
         pixels = m.decode(torch.stack(codes, 1))
     arrays = ((pixels.permute(0, 2, 3, 1).numpy() + 1.0) * 127.5).round().clip(0, 255).astype(np.uint8)
     ends = np.cumsum(counts).tolist()

@@ -5,12 +5,19 @@ so one request for 16 candidates and sixteen requests for one fill a batch alike
 are Ray Serve `user_config` (`reconfigure`), so they change without a restart. The model call runs in a
 thread: the replica's event loop keeps taking requests (and answering health checks) meanwhile, and
 those requests form the next batch.
+
+That thread is one per replica (`ModelThread`), never asyncio's shared pool: torch's intra-op thread count is
+per OS thread under OpenMP, and a float sum split over 1 or 2 threads can round a pixel the other way. With calls
+spread over the pool's threads, one seeded request could come back one level off in a pixel depending on which
+thread ran it (seen as a flaky "same answer after a replica was killed"). One thread, with the thread count set in
+it, gives every call of every replica the same arithmetic.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,7 +57,23 @@ class ScoreRequest:
     action: str
 
 
-def _configure(batched: Any, user_config: dict[str, Any] | None, largest_request: int, name: str) -> None:
+class ModelThread:
+    """The replica's one model thread, with its torch thread count set in it (see the module's docstring)."""
+
+    def __init__(self) -> None:
+        threads = torch.get_num_threads()  # Ray's default for the replica: its num_cpus (OMP_NUM_THREADS)
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="model", initializer=torch.set_num_threads,
+                                       initargs=(threads,))
+
+    def set_threads(self, threads: int) -> None:
+        self.pool.submit(torch.set_num_threads, threads).result()
+
+    async def run(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+
+def _configure(batched: Any, user_config: dict[str, Any] | None, largest_request: int, name: str,
+               thread: ModelThread) -> None:
     cfg = from_dict(BatchingConfig, user_config, source=f"{name} user_config")
     size = cfg.max_batch_size
     if size < largest_request:  # a request larger than a batch would be refused by @serve.batch
@@ -60,7 +83,7 @@ def _configure(batched: Any, user_config: dict[str, Any] | None, largest_request
     batched.set_max_batch_size(size)
     batched.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
     if cfg.torch_threads > 0:
-        torch.set_num_threads(cfg.torch_threads)
+        thread.set_threads(cfg.torch_threads)
 
 
 @serve.deployment(name="WorldModel", ray_actor_options={"num_cpus": 1}, max_ongoing_requests=32)
@@ -72,11 +95,12 @@ class WorldModelDeployment:
 
         self.cfg = from_dict(WorldModelConfig, world_model, source="world_model")
         self.model = load_world_model(self.cfg)
+        self.thread = ModelThread()
         self.max_candidates = max_candidates
         self.calls = 0  # model calls made, for tests and the benchmarks (batching on vs off)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        _configure(self.sample, user_config, self.max_candidates, "WorldModel")
+        _configure(self.sample, user_config, self.max_candidates, "WorldModel", self.thread)
 
     def info(self) -> dict[str, Any]:
         return {"model": self.cfg.model, "adapter": self.cfg.adapter, "backend": self.cfg.backend,
@@ -89,7 +113,7 @@ class WorldModelDeployment:
         from cwm_ray.schema import encode_image
 
         self.calls += 1
-        out = await asyncio.to_thread(
+        out = await self.thread.run(
             self.model.sample, [r.image for r in requests], [r.action for r in requests],
             [r.n for r in requests], [r.seed for r in requests])
         return [[encode_image(im) for im in cands] for cands in out]
@@ -104,11 +128,12 @@ class VerifierDeployment:
 
         self.cfg = from_dict(IDMConfig, idm, source="idm")
         self.model = InverseDynamicsModel.load(self.cfg)
+        self.thread = ModelThread()
         self.max_candidates = max_candidates
         self.calls = 0
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        _configure(self.score, user_config, self.max_candidates, "Verifier")
+        _configure(self.score, user_config, self.max_candidates, "Verifier", self.thread)
 
     def info(self) -> dict[str, Any]:
         return {"model": self.cfg.model, "adapter": self.cfg.adapter, "device": str(self.model.device),
@@ -121,7 +146,7 @@ class VerifierDeployment:
         sources = [r.source for r in requests for _ in r.candidates]
         targets = [c for r in requests for c in r.candidates]
         actions = [r.action for r in requests for _ in r.candidates]
-        flat = (await asyncio.to_thread(self.model.score_batch, sources, targets, actions)).tolist()
+        flat = (await self.thread.run(self.model.score_batch, sources, targets, actions)).tolist()
         out, i = [], 0
         for r in requests:
             out.append(flat[i:i + len(r.candidates)])

@@ -56,7 +56,8 @@ MARKERS = {
     "janus": ["<|User|>: <image_placeholder>", "<image_placeholder>\n", "<|Assistant|>:"],
 }
 BARE_MARKERS = {"llava": "<image><image>", "qwen2_vl": "<|vision_start|><|image_pad|><|vision_end|>" * 2,
-                "qwen2_5_vl": "<|vision_start|><|image_pad|><|vision_end|>" * 2, "idefics3": "<image><image>"}
+                "qwen2_5_vl": "<|vision_start|><|image_pad|><|vision_end|>" * 2, "idefics3": "<image><image>",
+                "janus": "<image_placeholder>" * 2}
 """What a checkpoint saved without a chat template gets in its raw prompt: its family's image markers."""
 ACTIONS = ["move the red circle left", "remove the blue square"]
 
@@ -215,7 +216,7 @@ def test_a_checkpoint_without_a_chat_template_prompts_with_the_familys_image_mar
     labels = idm.label(sources, targets)  # Qwen's generate used to fail here
     assert len(labels) == 2 and all(lab.num_tokens >= 1 for lab in labels)
     tokens = idm._prompt_inputs(sources, targets)["input_ids"]  # each frame expanded where its marker is
-    image_id = idm.processor.image_token_id
+    image_id = getattr(idm.processor, "image_token_id", None) or idm.model.config.image_token_id  # Janus: config
     assert all(int((row == image_id).sum()) > 2 for row in tokens)
 
 

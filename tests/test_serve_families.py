@@ -75,7 +75,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         for app, (family, verifier) in APPS.items():
             serve.run(build_app({
-                "profile": PROFILES[family][0],
+                "profile": PROFILES[family][0], "root": str(root),  # not the profile's placeholder root
                 "world_model": {"model": models[family], "adapter": None, "dtype": "float32", "device": "cpu",
                                 "num_inference_steps": 2},
                 "idm": {"model": models[verifier], "dtype": "float32", "device": "cpu"},

@@ -56,6 +56,7 @@ def train_cfg(args: dict[str, Any], extra: list[str], name: str) -> Any:
     gpu = ["scaling.use_gpu=true", "scaling.gpus_per_worker=1", "deepspeed.bf16=true"] if GPUS else []
     return load(cls, yaml, [*given, *gpu,
         f"data.sources=[{{uri: {gold_train(args['batch'] * 4)}}}]", f"optim.max_steps={args['steps']}",
+        "optim.epochs=null", "optim.global_batch_size=null",  # a profile's recipe is epochs; the bench times steps
         f"optim.batch_size={args['batch']}", f"train.log_every={args['log_every']}", "train.eval_every=0",
         "train.checkpoint_every=0", f"train.name={name}", f"train.storage_path={out / 'runs'}",
         f"train.export={out / 'model'}", f"scaling.torch_threads={os.cpu_count()}",

@@ -75,7 +75,7 @@ def test_s3_models_need_files_under_the_prefix(s3_bucket: str) -> None:
     storage.write_text(f"{root}/aurora/train.json", "[]")
     with pytest.raises(ConfigError, match=rf"data.sources.1.uri: nothing at {root}/annotated/.*/triplets/"):
         preflight(cfg)
-    storage.write_text(f"{root}/annotated/qwen25vl7b_ip2p/aurora/train.json", "[]")
+    storage.write_text(f"{root}/annotated/qwen25vl7b_ip2p/triplets/part-0.parquet", "")  # a prefix with a file
     preflight(cfg)
     storage.configure(StorageConfig())
 

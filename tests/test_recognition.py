@@ -9,9 +9,9 @@ import torch
 from cwm_ray.config import ConfigError, RecognitionConfig, ToyWorldConfig, WorldModelConfig
 from cwm_ray.recognition import RecognitionWeights, fade_to_uniform, recognition_weights
 from cwm_ray.schema import encode_image, weights_from_bytes
+from cwm_ray.toyworld.diffusion_model import build_toy_world_model
 from cwm_ray.toyworld.render import render
 from cwm_ray.toyworld.world import Obj, Scene
-from cwm_ray.world_model.diffusion import build_toy_world_model
 
 
 def test_mean_one_and_floor() -> None:

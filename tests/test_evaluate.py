@@ -251,8 +251,8 @@ def test_the_headline_is_the_mean_over_the_five_judged_subsets(tmp_path: Path,
     """AURORA-Bench's eight tasks, judged: the headline averages the five judged subsets' own means (the paper's
     table), each subset printed and in the report; the all-item mean stays beside it, not as the headline."""
     from cwm_ray.config import AURORA_JUDGED_TASKS
-    from cwm_ray.evaluate.pipeline import print_table, summarise
     from cwm_ray.evaluate.report import render
+    from cwm_ray.evaluate.summary import print_table, summarise
 
     assert AURORA_JUDGED_TASKS == ("magicbrush", "ag", "something", "whatsup", "kubric")  # AURORA-Bench's names
     scores = {"magicbrush": 4.0, "ag": 3.0, "something": 2.0, "whatsup": 1.0, "kubric": 7.0, "clevr": 9.0,

@@ -141,8 +141,8 @@ def toy_models() -> dict[str, str]:
 
     $BENCH_IDM / $BENCH_WORLD_MODEL (+ $BENCH_WM_BACKEND) replace them with checkpoints of real families at
     real sizes (bench/real_size.py builds those), so every bench measures the balance real models have."""
-    from cwm_ray.idm import build_toy_idm
-    from cwm_ray.world_model.diffusion import build_toy_world_model
+    from cwm_ray.toyworld.diffusion_model import build_toy_world_model
+    from cwm_ray.toyworld.idm_model import build_toy_idm
 
     if os.environ.get("BENCH_IDM") and os.environ.get("BENCH_WORLD_MODEL"):
         return {"idm": os.environ["BENCH_IDM"], "world_model": os.environ["BENCH_WORLD_MODEL"],

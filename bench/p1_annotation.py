@@ -87,11 +87,12 @@ def sequential_loop(cfg: Any, videos: list[str]) -> dict[str, Any]:
     from cwm_ray.recognition import RecognitionWeights, recognition_weights
     from cwm_ray.schema import encode_image
     from cwm_ray.video import choose_pairs, iter_frames
+    from cwm_ray.world_model import load_world_model
 
     t = {"load": 0.0, "decode": 0.0, "idm": 0.0, "recognition": 0.0}
     t0 = time.perf_counter()
     idm = InverseDynamicsModel.load(cfg.idm)
-    rec = RecognitionWeights(cfg.world_model, cfg.recognition)
+    rec = RecognitionWeights(load_world_model(cfg.world_model, cfg.recognition), cfg.recognition)
     t["load"] = time.perf_counter() - t0
     frames = pairs = 0
     pending: list[Any] = []

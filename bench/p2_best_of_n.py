@@ -24,7 +24,7 @@ DEFAULTS: dict[str, Any] = {"n": 8, "repeats": 4, "steps": 10, "threads": 0, "qu
 def token_world_model() -> str:
     """A random toy token world model (Janus architecture), built once into the bench cache: its sampling cost
     does not depend on the weights, since it always draws all of its image tokens."""
-    from cwm_ray.world_model.token import build_toy_token_world_model
+    from cwm_ray.toyworld.token_model import build_toy_token_world_model
 
     path = CACHE / "models" / "toy_token_world_model"
     if not (path / "config.json").exists():

@@ -336,9 +336,10 @@ class RecognitionStage:
 
     def __init__(self, cfg: AnnotateConfig, res: StageResources, clock: Any = None) -> None:
         from cwm_ray.recognition import RecognitionWeights
+        from cwm_ray.world_model import load_world_model
 
         _set_threads(res)
-        self.weights = RecognitionWeights(cfg.world_model, cfg.recognition)
+        self.weights = RecognitionWeights(load_world_model(cfg.world_model, cfg.recognition), cfg.recognition)
         self.clock = clock
         report(clock, "ready", "recognition", time.time())
 

@@ -36,19 +36,14 @@ from transformers import (
     AutoConfig,
     AutoModelForImageTextToText,
     AutoProcessor,
-    CLIPImageProcessorPil,
-    CLIPVisionConfig,
-    LlamaConfig,
-    LlavaConfig,
-    LlavaForConditionalGeneration,
-    LlavaProcessor,
     PretrainedConfig,
     PreTrainedModel,
     ProcessorMixin,
 )
 
 from cwm_ray import storage
-from cwm_ray.config import TOY, TRANSFORMERS_LORA_TARGETS, ConfigError, IDMConfig, LoRAConfig
+from cwm_ray.builtin_models import builtin_model, is_builtin
+from cwm_ray.config import TRANSFORMERS_LORA_TARGETS, ConfigError, IDMConfig, LoRAConfig
 from cwm_ray.lora import lora_targets, target_regex
 from cwm_ray.schema import decode_image
 from cwm_ray.world_model import DTYPES, resolve_device
@@ -92,10 +87,12 @@ class InverseDynamicsModel:
 
     @classmethod
     def load(cls, cfg: IDMConfig) -> InverseDynamicsModel:
-        """`cfg.model` is a hub id, a local or s3:// directory, or `toy` (a fresh random tiny LLaVA)."""
+        """`cfg.model` is a hub id, a local or s3:// directory, or a built-in model (`toy`: a fresh random tiny
+        LLaVA, cwm_ray.builtin_models)."""
         dtype = DTYPES[cfg.dtype]
-        if cfg.model == TOY:
-            model, processor = build_toy_idm(image_size=cfg.image_size or 64)
+        builder = builtin_model("idm", cfg.model)
+        if builder is not None:
+            model, processor = builder(cfg)
             model = model.to(dtype)
         else:
             path = storage.local_dir(cfg.model)
@@ -397,7 +394,7 @@ def check_prompt(cfg: IDMConfig) -> str:
     Annotation calls it in the driver, so a checkpoint that cannot prompt fails in a second, before any video is
     read, and not in the IDM actors after decoding has started.
     """
-    if cfg.model == TOY:
+    if is_builtin("idm", cfg.model):  # built in code with the prompt it was made for, no files to read
         return cfg.prompt
     with tempfile.TemporaryDirectory() as tmp:
         path = _small_files_dir(cfg.model, tmp) if storage.is_s3(cfg.model) else storage.local_dir(cfg.model)
@@ -520,78 +517,7 @@ def patch_neighbourhood(pixel_values: torch.Tensor, reach: int, patch_size: int)
     return torch.cat(shifted, dim=1)
 
 
-# -- the toy IDM --------------------------------------------------------------------------------------------
-
-
-def build_toy_idm(
-    directory: str | None = None,
-    image_size: int = 64,
-    seed: int = 0,
-    *,
-    patch_size: int = 8,
-    hidden_size: int = 128,
-    text_layers: int = 4,
-    vision_layers: int = 1,
-    tubelet: bool = True,
-    reach: int = 2,
-) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
-    """A fresh random tiny LLaVA over the toy world's word vocabulary (`IDMConfig(model="toy")`).
-
-    Chosen by measurement on 2 CPU cores (see docs/experiments.md): patch 8 on 64 px frames, so one
-    patch is one cell of the board; pixels centred on the board's colour; `tubelet=True` gives the CLIP
-    tower 6 input channels so each token sees a cell before *and* after, and the 4-layer Llama (hidden
-    128) only has to find and name the changed cells; `reach=2` widens each token to the cross of cells
-    up to 2 away (`patch_neighbourhood`), so where an object went and what it now stands beside are in
-    the token too (44 % → 91 % of held-out test pairs explained at 1500 steps). With two separate images
-    (`tubelet=False`, the layout real VLMs use) the same model must first learn to align cells 64
-    positions apart, and on the same budget it is still far from the tubelet model's accuracy.
-    """
-    from cwm_ray.toyworld.tokenizer import build_word_tokenizer  # the toy world is the only user of it
-    from cwm_ray.toyworld.world import BACKGROUND
-
-    tokenizer = build_word_tokenizer(extra_tokens=["<image>"])
-    patch = patch_size
-    hidden = hidden_size
-    channels = 6 * len(neighbourhood_offsets(reach)) if tubelet else 3
-    image_processor = CLIPImageProcessorPil(
-        size={"height": image_size, "width": image_size}, crop_size={"height": image_size, "width": image_size},
-        # Centred on the board's background colour: empty cells become zero vectors, so the few cells that
-        # hold objects dominate every image token from the first step (with the usual mean 0.5 the dark
-        # board swamps them and training sits on an image-blind plateau for thousands of steps).
-        resample=Image.Resampling.NEAREST, image_mean=[c / 255 for c in BACKGROUND], image_std=[0.25] * 3,
-    )
-    processor = LlavaProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=patch,
-        vision_feature_select_strategy="default", num_additional_image_tokens=1,  # CLS is computed, then dropped
-    )
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(
-            hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=vision_layers, num_attention_heads=4,
-            image_size=image_size, patch_size=patch, num_channels=channels,
-        ),
-        text_config=LlamaConfig(
-            vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=text_layers,
-            num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        ),
-        image_token_index=processor.image_token_id, image_seq_length=(image_size // patch) ** 2,
-        vision_feature_select_strategy="default", vision_feature_layer=-1, projector_hidden_act="gelu",
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlavaForConditionalGeneration(config)
-    model.generation_config.bos_token_id = tokenizer.bos_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.eval()
-    if directory is not None:
-        model.save_pretrained(directory)
-        processor.save_pretrained(directory)
-    return model, processor
-
-
 __all__ = [
-    "DTYPES", "InverseDynamicsModel", "Label", "build_prompt", "build_toy_idm", "check_prompt", "image_marker",
+    "DTYPES", "InverseDynamicsModel", "Label", "build_prompt", "check_prompt", "image_marker",
     "neighbourhood_offsets", "patch_neighbourhood", "tubelet_reach",
 ]

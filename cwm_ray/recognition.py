@@ -10,16 +10,24 @@ floor, so unchanged positions still count and the model keeps learning to copy t
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from cwm_ray.config import RecognitionConfig, WorldModelConfig
+from cwm_ray.config import RecognitionConfig
 from cwm_ray.schema import decode_image, weights_from_bytes, weights_to_bytes
 
-if TYPE_CHECKING:
-    from cwm_ray.world_model import WorldModel
+
+class FeatureEncoder(Protocol):
+    """What `RecognitionWeights` needs of a world model: its encoder (`WorldModel.encode_features`).
+
+    Why a protocol here rather than `cwm_ray.world_model.WorldModel`: both backends import this module's weighting
+    functions, so this module must not import the world model package back (that was an import circle); the
+    caller loads the model and hands it in.
+    """
+
+    def encode_features(self, images: Sequence[Any]) -> torch.Tensor: ...
 
 
 def recognition_weights(source_features: torch.Tensor, target_features: torch.Tensor, floor: float) -> torch.Tensor:
@@ -84,21 +92,20 @@ def fade_to_uniform(weights: torch.Tensor, cfg: RecognitionConfig, step: int, ma
 
 
 class RecognitionWeights:
-    """A Ray Data `map_batches` actor: adds `weights` (float16 bytes) and `weights_shape` ([h, w]) columns.
+    """A batch callable (annotation's `RecognitionStage` runs it): adds `weights` (float16 bytes) and
+    `weights_shape` ([h, w]) columns.
 
     The encoder is the world model's own (`encode_features`: the VAE encoder's latent mean, or pixels for
     the pixel-space toy; for the `token` backend the VQ encoder's features before quantization,
     `quant_conv(encoder(x))`, one per image token, as in the paper), so the map lives on exactly the grid
     the loss is computed on. With recognition disabled it writes all-ones maps, so the unweighted ablation
-    runs through the same pipeline.
+    runs through the same pipeline. The caller loads the world model (`load_world_model(cfg.world_model,
+    cfg.recognition)`, as annotation's `RecognitionStage` does) and hands it in.
     """
 
-    def __init__(self, world_model_cfg: WorldModelConfig, recognition_cfg: RecognitionConfig | None = None,
-                 world_model: WorldModel | None = None) -> None:
-        from cwm_ray.world_model import load_world_model
-
+    def __init__(self, world_model: FeatureEncoder, recognition_cfg: RecognitionConfig | None = None) -> None:
         self.cfg = recognition_cfg or RecognitionConfig()
-        self.world_model = world_model or load_world_model(world_model_cfg, self.cfg)
+        self.world_model = world_model
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         sources = [decode_image(b) for b in batch["source"]]

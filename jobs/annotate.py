@@ -13,7 +13,8 @@ model's training reads them.
 
 import sys
 
-from cwm_ray.config import AnnotateConfig, run_job
+from cwm_ray.config import AnnotateConfig
+from cwm_ray.job import run_job
 
 
 def main(cfg: AnnotateConfig) -> None:

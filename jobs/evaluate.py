@@ -9,7 +9,8 @@ the fine-tuned IDM from ${root}/models/, the LLM judge (its key in $OPENAI_API_K
 runs), the report to ${root}/eval/<pair>. Predictions are saved there before judging, so a re-run resumes.
 """
 
-from cwm_ray.config import EvaluateConfig, exit_if_unbuilt, run_job
+from cwm_ray.config import EvaluateConfig
+from cwm_ray.job import exit_if_unbuilt, run_job
 
 
 def main(cfg: EvaluateConfig) -> None:

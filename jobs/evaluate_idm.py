@@ -7,7 +7,8 @@
 
 import sys
 
-from cwm_ray.config import EvaluateIDMConfig, exit_if_unbuilt, run_job
+from cwm_ray.config import EvaluateIDMConfig
+from cwm_ray.job import exit_if_unbuilt, run_job
 
 
 def main(cfg: EvaluateIDMConfig) -> None:

@@ -3,7 +3,8 @@
     python jobs/make_toy_corpus.py [--config configs/toy.yaml] [output=s3://bucket/toy] [num_videos=8]
 """
 
-from cwm_ray.config import ToyCorpusConfig, run_job
+from cwm_ray.config import ToyCorpusConfig
+from cwm_ray.job import run_job
 
 
 def main(cfg: ToyCorpusConfig) -> None:

@@ -4,7 +4,8 @@
     python jobs/reproduce.py 'world_model_overrides=[optim.max_steps=200]' output=/tmp/quick
 """
 
-from cwm_ray.config import ReproduceConfig, run_job
+from cwm_ray.config import ReproduceConfig
+from cwm_ray.job import run_job
 
 
 def main(cfg: ReproduceConfig) -> None:

@@ -6,7 +6,8 @@
         --config configs/cluster/train_idm_p4d.yaml root=s3://my-bucket/cwm   # reads ${root}/aurora/train.json
 """
 
-from cwm_ray.config import TrainIDMConfig, run_job
+from cwm_ray.config import TrainIDMConfig
+from cwm_ray.job import run_job
 
 
 def main(cfg: TrainIDMConfig) -> None:

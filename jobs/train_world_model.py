@@ -7,7 +7,8 @@
         root=s3://my-bucket/cwm     # AURORA + annotate's triplets under ${root}, the LoRA export to ${root}/models/
 """
 
-from cwm_ray.config import TrainWorldModelConfig, run_job
+from cwm_ray.config import TrainWorldModelConfig
+from cwm_ray.job import run_job
 
 
 def main(cfg: TrainWorldModelConfig) -> None:

@@ -38,12 +38,12 @@ from cwm_ray.annotate import (
 )
 from cwm_ray.config import AnnotateConfig, StageResources, ToyCorpusConfig, ToyWorldConfig, load
 from cwm_ray.data import actor_stage, read_aurora
-from cwm_ray.idm import build_toy_idm
 from cwm_ray.schema import decode_image, weights_from_bytes
 from cwm_ray.toyworld.corpus import encode_mp4, make_corpus
+from cwm_ray.toyworld.diffusion_model import build_toy_world_model
+from cwm_ray.toyworld.idm_model import build_toy_idm
 from cwm_ray.toyworld.parser import parse_scene
 from cwm_ray.toyworld.world import Scene
-from cwm_ray.world_model.diffusion import build_toy_world_model
 
 WORLD = ToyWorldConfig()
 REPO = Path(__file__).resolve().parents[1]

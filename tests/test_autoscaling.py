@@ -57,12 +57,12 @@ from ray.serve.schema import ServeDeploySchema
 
 from cwm_ray.annotate import annotate
 from cwm_ray.config import AnnotateConfig, ConfigError, ToyCorpusConfig, ToyWorldConfig, load
-from cwm_ray.idm import build_toy_idm
 from cwm_ray.preflight import check_job_fits, cluster_capacity
 from cwm_ray.toyworld.corpus import make_corpus
+from cwm_ray.toyworld.diffusion_model import build_toy_world_model
+from cwm_ray.toyworld.idm_model import build_toy_idm
 from cwm_ray.toyworld.render import render
 from cwm_ray.toyworld.world import random_scene
-from cwm_ray.world_model.diffusion import build_toy_world_model
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

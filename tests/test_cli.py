@@ -4,6 +4,7 @@ errors with exit code 2, and the toy-value guard on a cluster or GPUs (`check_to
 from __future__ import annotations
 
 import ast
+import dataclasses
 import os
 import re
 import shlex
@@ -61,7 +62,7 @@ def test_help_resolves_configs_and_overrides_and_describes_every_field(capsys: p
     assert exit_.value.code == 0
     out = capsys.readouterr().out
     assert "frames.k_frames=3" in out  # the override, resolved
-    assert "K_f: motion peaks kept per video" in out  # the field's docstring, from config.py's source
+    assert "K_f: motion peaks kept per video" in out  # the field's docstring, from cwm_ray/config/'s source
     assert "idm.model=" in out and "toy_idm" not in out  # the profile's IDM
     assert "frames.max_side=64" not in out  # the profile replaced the toy YAML, it did not layer on it
     assert "frames.motion=farneback    (one of: farneback, diff)" in out  # fixed choices are shown
@@ -70,7 +71,7 @@ def test_help_resolves_configs_and_overrides_and_describes_every_field(capsys: p
 
 
 def test_every_documented_field_has_its_description_in_help() -> None:
-    """Every field with a docstring in config.py shows it: the parse of the source found them all."""
+    """Every field with a docstring in cwm_ray/config/ shows it: the parse of every module's source found them all."""
     _, docs, choices = config._source_docs()
     assert docs["FramesConfig"]["k_frames"].startswith("K_f")
     assert docs["LoRAConfig"]["target_modules"].startswith("Module names to adapt")
@@ -79,6 +80,11 @@ def test_every_documented_field_has_its_description_in_help() -> None:
     text = config.describe(TrainWorldModelConfig())
     for key in ("world_model.pixel_scaling_factor=7.0", "optim.adam_beta2=0.999", "allow_toy=false"):
         assert key in text
+    # every module of the package: each dataclass it exports has its field descriptions found, wherever it lives
+    classes = [o for o in vars(config).values() if isinstance(o, type) and dataclasses.is_dataclass(o)]
+    assert [c.__name__ for c in classes if not docs.get(c.__name__)] == []
+    files = {p.stem for p in Path(config.__file__).parent.glob("*.py") if "@dataclass" in p.read_text()}
+    assert {c.__module__.rsplit(".", 1)[1] for c in classes} == files and len(files) >= 7
 
 
 def test_help_and_print_config_through_a_job_start_nothing() -> None:

@@ -67,7 +67,7 @@ def test_dict_fields_take_new_keys_but_keep_their_value_type() -> None:
 
 
 def test_exit_if_unbuilt_names_the_job_that_builds_a_missing_default(tmp_path: Path, monkeypatch) -> None:
-    from cwm_ray.config import exit_if_unbuilt
+    from cwm_ray.job import exit_if_unbuilt
 
     monkeypatch.chdir(tmp_path)
     exit_if_unbuilt([("IDM", "org/some-model", "jobs/train_idm.py"), ("IDM", None, "jobs/train_idm.py")])  # not ours

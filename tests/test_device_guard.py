@@ -186,7 +186,7 @@ def test_world_model_samples_best_of_n_and_trains_on_the_device(device: torch.de
 
     # recognition weights: the annotate profile's encoder dtype (bf16) on float32 pixels
     encoder = load(AnnotateConfig, PROFILES[backend]).world_model.dtype
-    actor = RecognitionWeights(_world_model_config(name, checkpoints, dtype=encoder, device=DEVICE))
+    actor = RecognitionWeights(load_world_model(_world_model_config(name, checkpoints, dtype=encoder, device=DEVICE)))
     rows = actor({"source": np.array(FRAMES[:2], dtype=object), "target": np.array(FRAMES[1:], dtype=object)})
     assert len(rows["weights"]) == 2
 

@@ -251,8 +251,8 @@ def test_the_headline_is_the_mean_over_the_five_judged_subsets(tmp_path: Path,
     """AURORA-Bench's eight tasks, judged: the headline averages the five judged subsets' own means (the paper's
     table), each subset printed and in the report; the all-item mean stays beside it, not as the headline."""
     from cwm_ray.config import AURORA_JUDGED_TASKS
-    from cwm_ray.evaluate.pipeline import print_table, summarise
     from cwm_ray.evaluate.report import render
+    from cwm_ray.evaluate.summary import print_table, summarise
 
     assert AURORA_JUDGED_TASKS == ("magicbrush", "ag", "something", "whatsup", "kubric")  # AURORA-Bench's names
     scores = {"magicbrush": 4.0, "ag": 3.0, "something": 2.0, "whatsup": 1.0, "kubric": 7.0, "clevr": 9.0,
@@ -283,8 +283,8 @@ def test_the_headline_is_the_mean_over_the_five_judged_subsets(tmp_path: Path,
 # -- end to end ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    from cwm_ray.idm import build_toy_idm
-    from cwm_ray.world_model.diffusion import build_toy_world_model
+    from cwm_ray.toyworld.diffusion_model import build_toy_world_model
+    from cwm_ray.toyworld.idm_model import build_toy_idm
 
     root = tmp_path_factory.mktemp("eval_models")
     build_toy_world_model(str(root / "wm"), resolution=32, patch_size=1, block_out_channels=(8, 16),
@@ -352,7 +352,7 @@ def test_evaluate_end_to_end_and_the_report_in_chromium(tmp_path: Path, tiny_mod
 
 def test_evaluate_takes_the_token_backend(tmp_path: Path, tiny_models: dict[str, str]) -> None:
     """`world_model.backend=token` through the same pipeline: sampled VQ tokens, decoded, verified, judged."""
-    from cwm_ray.world_model.token import build_toy_token_world_model
+    from cwm_ray.toyworld.token_model import build_toy_token_world_model
 
     build_toy_token_world_model(str(tmp_path / "twm"), resolution=32, hidden_size=32, num_layers=1, num_heads=2)
     bench = _bench(tmp_path / "bench", n=3)

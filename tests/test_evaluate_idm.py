@@ -18,8 +18,9 @@ from PIL import Image
 
 from cwm_ray.config import EvaluateIDMConfig, IDMConfig, ToyCorpusConfig, ToyWorldConfig
 from cwm_ray.evaluate.idm import evaluate_idm, score, summarise
-from cwm_ray.idm import InverseDynamicsModel, build_toy_idm
+from cwm_ray.idm import InverseDynamicsModel
 from cwm_ray.toyworld.corpus import make_corpus
+from cwm_ray.toyworld.idm_model import build_toy_idm
 from cwm_ray.toyworld.render import render
 from cwm_ray.toyworld.world import Obj, Scene, apply, parse_action
 

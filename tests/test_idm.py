@@ -14,13 +14,13 @@ from cwm_ray import storage
 from cwm_ray.config import IDMConfig, LoRAConfig, ToyWorldConfig
 from cwm_ray.idm import (
     InverseDynamicsModel,
-    build_toy_idm,
     check_prompt,
     neighbourhood_offsets,
     patch_neighbourhood,
     tubelet_reach,
 )
 from cwm_ray.schema import encode_image
+from cwm_ray.toyworld.idm_model import build_toy_idm
 from cwm_ray.toyworld.render import render
 from cwm_ray.toyworld.world import apply, parse_action, random_action, random_scene
 

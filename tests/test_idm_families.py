@@ -43,8 +43,8 @@ from cwm_ray.idm import InverseDynamicsModel, check_prompt
 from cwm_ray.schema import encode_image
 from cwm_ray.tiny.idm import IDM_FAMILIES, MODEL_CLASSES, build_tiny_idm
 from cwm_ray.toyworld.corpus import encode_mp4, make_corpus, make_video
+from cwm_ray.toyworld.diffusion_model import build_toy_world_model
 from cwm_ray.toyworld.world import BACKGROUND
-from cwm_ray.world_model.diffusion import build_toy_world_model
 
 REPO = Path(__file__).resolve().parents[1]
 PROFILE = REPO / "configs" / "real" / "qwen25vl7b_ip2p.yaml"

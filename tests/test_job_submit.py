@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from cwm_ray.config import ToyCorpusConfig
-from cwm_ray.idm import build_toy_idm
 from cwm_ray.toyworld.corpus import make_corpus
-from cwm_ray.world_model.diffusion import build_toy_world_model
+from cwm_ray.toyworld.diffusion_model import build_toy_world_model
+from cwm_ray.toyworld.idm_model import build_toy_idm
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

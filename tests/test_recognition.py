@@ -9,9 +9,10 @@ import torch
 from cwm_ray.config import ConfigError, RecognitionConfig, ToyWorldConfig, WorldModelConfig
 from cwm_ray.recognition import RecognitionWeights, fade_to_uniform, recognition_weights
 from cwm_ray.schema import encode_image, weights_from_bytes
+from cwm_ray.toyworld.diffusion_model import build_toy_world_model
 from cwm_ray.toyworld.render import render
 from cwm_ray.toyworld.world import Obj, Scene
-from cwm_ray.world_model.diffusion import build_toy_world_model
+from cwm_ray.world_model import load_world_model
 
 
 def test_mean_one_and_floor() -> None:
@@ -65,7 +66,8 @@ def _png(*objects: Obj) -> bytes:
 def test_map_batches_actor_adds_weight_columns(tmp_path: str, enabled: bool) -> None:
     build_toy_world_model(str(tmp_path), resolution=16, patch_size=2, block_out_channels=(8, 16), text_hidden_size=16)
     wm_cfg = WorldModelConfig(model=str(tmp_path), resolution=16, device="cpu")
-    actor = RecognitionWeights(wm_cfg, RecognitionConfig(enabled=enabled, floor=0.1))
+    rec_cfg = RecognitionConfig(enabled=enabled, floor=0.1)
+    actor = RecognitionWeights(load_world_model(wm_cfg, rec_cfg), rec_cfg)
     red, blue = Obj("square", "red", 0, 0), Obj("circle", "blue", 7, 7)
     batch = {
         "source": np.array([_png(red, blue), _png(red)], dtype=object),

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 
 from cwm_ray.config import IDMConfig, WorldModelConfig
-from cwm_ray.idm import InverseDynamicsModel, build_toy_idm
+from cwm_ray.idm import InverseDynamicsModel
+from cwm_ray.toyworld.diffusion_model import build_toy_world_model
+from cwm_ray.toyworld.idm_model import build_toy_idm
 from cwm_ray.world_model import load_world_model
-from cwm_ray.world_model.diffusion import build_toy_world_model
 
 pytestmark = pytest.mark.fault
 

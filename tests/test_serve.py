@@ -26,12 +26,13 @@ from PIL import Image
 from ray import serve
 
 from cwm_ray.config import IDMConfig, ServeConfig, ServeLimits, ToyWorldConfig, WorldModelConfig
-from cwm_ray.idm import InverseDynamicsModel, build_toy_idm
+from cwm_ray.idm import InverseDynamicsModel
 from cwm_ray.serve.api import APIError, Service
+from cwm_ray.toyworld.diffusion_model import build_toy_world_model
+from cwm_ray.toyworld.idm_model import build_toy_idm
 from cwm_ray.toyworld.render import render
 from cwm_ray.toyworld.world import random_scene
 from cwm_ray.world_model import load_world_model
-from cwm_ray.world_model.diffusion import build_toy_world_model
 
 KEY = "test-key-123"
 KEY_ENV = "CWM_TEST_SERVE_KEYS"

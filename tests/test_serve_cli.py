@@ -19,10 +19,10 @@ from PIL import Image
 from ray.serve.schema import ServeDeploySchema
 
 from cwm_ray.config import ConfigError, ServeConfig, ToyWorldConfig, from_dict
-from cwm_ray.idm import build_toy_idm
+from cwm_ray.toyworld.diffusion_model import build_toy_world_model
+from cwm_ray.toyworld.idm_model import build_toy_idm
 from cwm_ray.toyworld.render import render
 from cwm_ray.toyworld.world import random_scene
-from cwm_ray.world_model.diffusion import build_toy_world_model
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "serve.yaml"

@@ -16,9 +16,10 @@ from cwm_ray.config import LoRAConfig, ToyWorldConfig, WorldModelConfig
 from cwm_ray.recognition import recognition_weights
 from cwm_ray.schema import encode_image
 from cwm_ray.toyworld.render import render
+from cwm_ray.toyworld.token_model import build_toy_token_world_model
 from cwm_ray.toyworld.world import Obj, Scene, random_scene
 from cwm_ray.world_model import WorldModel, load_world_model
-from cwm_ray.world_model.token import BOI, EOI, TokenWorldModel, build_toy_token_world_model
+from cwm_ray.world_model.token import BOI, EOI, TokenWorldModel
 
 TINY = {"hidden_size": 32, "num_layers": 1, "num_heads": 2}
 ACTIONS = ["move the red circle left", "remove the blue square", "make the green cross red"]
@@ -178,7 +179,7 @@ def test_recognition_weights_come_from_pre_quantization_features(tiny_dir: str) 
 @pytest.mark.parametrize("resolution", [64, 40])
 def test_toy_vq_decodes_every_code_at_every_cell_pixel_exact(resolution: int) -> None:
     """Tokenize → decode gives back a still toy frame to the pixel: shapes, colours, every cell of the grid."""
-    from cwm_ray.world_model.token import _palette
+    from cwm_ray.toyworld.token_model import _palette
 
     wm = build_toy_token_world_model(resolution=resolution, **TINY)
     m, grid = wm.module, resolution // 8
@@ -342,8 +343,8 @@ def test_serve_app_with_the_token_backend(tiny_dir: str, tmp_path: Path) -> None
     import ray
     from ray import serve
 
-    from cwm_ray.idm import build_toy_idm
     from cwm_ray.serve.app import build_app
+    from cwm_ray.toyworld.idm_model import build_toy_idm
 
     build_toy_idm(str(tmp_path / "idm"), image_size=64, hidden_size=32, text_layers=1)
     with socket.socket() as sock:

@@ -52,7 +52,8 @@ def _common(tmp_path: Path, gold: str, storage_path: str, **kw: object) -> list[
 def test_idm_resumes_after_a_worker_dies_and_checkpoints_land_on_s3(
     ray_local: None, gold: str, s3_bucket: str, tmp_path: Path
 ) -> None:
-    from cwm_ray.idm import InverseDynamicsModel, build_toy_idm
+    from cwm_ray.idm import InverseDynamicsModel
+    from cwm_ray.toyworld.idm_model import build_toy_idm
     from cwm_ray.train import train
 
     model_dir = tmp_path / "tiny_idm"
@@ -92,8 +93,9 @@ def _png() -> bytes:
 
 
 def test_world_model_loss_decreases_and_rerun_resumes(ray_local: None, gold: str, tmp_path: Path) -> None:
+    from cwm_ray.toyworld.diffusion_model import build_toy_world_model
     from cwm_ray.train import train
-    from cwm_ray.world_model import build_toy_world_model, load_world_model
+    from cwm_ray.world_model import load_world_model
 
     model_dir = tmp_path / "tiny_wm"
     build_toy_world_model(str(model_dir), resolution=32, block_out_channels=(16, 32), patch_size=2)
@@ -221,7 +223,7 @@ def test_a_materialized_training_set_is_read_once(ray_local: None, gold: str, tm
 def test_a_relative_model_path_reaches_the_workers(ray_local: None, gold: str, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """Ray Train workers run in their own directory; `idm.model=outputs/...` must not become a hub id."""
-    from cwm_ray.idm import build_toy_idm
+    from cwm_ray.toyworld.idm_model import build_toy_idm
     from cwm_ray.train import train
 
     monkeypatch.chdir(tmp_path)
@@ -236,7 +238,7 @@ def test_a_relative_model_path_reaches_the_workers(ray_local: None, gold: str, t
 
 def test_idm_trains_with_ddp_on_two_workers(ray_local: None, gold: str, tmp_path: Path) -> None:
     """`deepspeed.enabled=false` is DDP; LLaVA's unused vision post-layernorm must not stop it."""
-    from cwm_ray.idm import build_toy_idm
+    from cwm_ray.toyworld.idm_model import build_toy_idm
     from cwm_ray.train import train
 
     build_toy_idm(str(tmp_path / "tiny"), hidden_size=32, text_layers=1)
@@ -313,7 +315,7 @@ def test_one_worker_accumulating_trains_the_recipe_of_two_workers(ray_local: Non
     """Epochs and a global batch are the recipe; the worker count only its speed: 1 worker accumulating 2
     micro-batches and 2 workers with 1 each take the same steps, rows per step and LR schedule (DeepSpeed's
     gradient_accumulation_steps), with max_steps derived from the epochs and the rows counted in the driver."""
-    from cwm_ray.idm import build_toy_idm
+    from cwm_ray.toyworld.idm_model import build_toy_idm
     from cwm_ray.train import train
 
     build_toy_idm(str(tmp_path / "tiny"), hidden_size=32, text_layers=1)
@@ -337,8 +339,8 @@ def test_one_worker_accumulating_trains_the_recipe_of_two_workers(ray_local: Non
 def test_a_corrupt_or_partial_checkpoint_is_detected_not_loaded(ray_local: None, gold: str, tmp_path: Path) -> None:
     import shutil
 
+    from cwm_ray.toyworld.diffusion_model import build_toy_world_model
     from cwm_ray.train import CorruptCheckpoint, train, verify_checkpoint
-    from cwm_ray.world_model import build_toy_world_model
 
     model_dir = tmp_path / "tiny_wm"
     build_toy_world_model(str(model_dir), resolution=16, block_out_channels=(8, 16), patch_size=1,
@@ -425,8 +427,8 @@ def test_ddp_resume_after_a_worker_dies_ends_with_the_uninterrupted_weights(ray_
     schedule and random states) of a run that never stopped. Before, DDP restored the optimizer and schedule but
     not the model, so a resume trained on from the initial weights (and replayed other batches, under other random
     draws). DeepSpeed's resume is checked the same way by the IDM's test above and the token world model's."""
+    from cwm_ray.toyworld.diffusion_model import build_toy_world_model
     from cwm_ray.train import train
-    from cwm_ray.world_model import build_toy_world_model
 
     model_dir = tmp_path / "tiny_wm"
     build_toy_world_model(str(model_dir), resolution=16, block_out_channels=(8, 16), patch_size=1,
@@ -485,8 +487,8 @@ def test_a_run_or_export_of_another_kind_is_refused_in_the_driver(ray_local: Non
     import re
 
     from cwm_ray import train as train_mod
+    from cwm_ray.toyworld.diffusion_model import build_toy_world_model
     from cwm_ray.train import MODEL_INFO, stored_model_info, train
-    from cwm_ray.world_model import build_toy_world_model
 
     model_dir = tmp_path / "tiny_wm"
     build_toy_world_model(str(model_dir), resolution=16, block_out_channels=(8, 16), patch_size=1,

@@ -12,10 +12,11 @@ import torch.nn.functional as F
 
 from cwm_ray.config import LoRAConfig, ToyWorldConfig, WorldModelConfig
 from cwm_ray.schema import encode_image, weights_to_bytes
+from cwm_ray.toyworld.diffusion_model import build_toy_world_model
 from cwm_ray.toyworld.render import render
 from cwm_ray.toyworld.world import random_scene
 from cwm_ray.world_model import WorldModel, load_world_model
-from cwm_ray.world_model.diffusion import LORA_WEIGHT_NAME, build_toy_world_model
+from cwm_ray.world_model.diffusion import LORA_WEIGHT_NAME
 
 TINY = {"resolution": 16, "patch_size": 2, "block_out_channels": (8, 16), "text_hidden_size": 16}
 ACTIONS = ["move the red circle left", "remove the blue square", "make the green cross red"]

@@ -28,8 +28,8 @@ ACTION = "move the red circle left"
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """The tiny checkpoints of both families, a small toy gold set and a toy verifier IDM."""
-    from cwm_ray.idm import build_toy_idm
     from cwm_ray.toyworld.corpus import make_corpus
+    from cwm_ray.toyworld.idm_model import build_toy_idm
 
     root = tmp_path_factory.mktemp("families")
     out = {family: build_tiny_world_model(family, str(root / family)) for family in WORLD_MODEL_FAMILIES}

@@ -23,8 +23,8 @@ import pandas as pd  # noqa: E402
 from cwm_ray import storage  # noqa: E402
 from cwm_ray.config import EvaluateConfig  # noqa: E402
 from cwm_ray.evaluate.bench import BenchItem  # noqa: E402
-from cwm_ray.evaluate.pipeline import primary_metric  # noqa: E402
 from cwm_ray.evaluate.predict import Prediction  # noqa: E402
+from cwm_ray.evaluate.summary import primary_metric  # noqa: E402
 
 NAMES = {"judge_score": "LLM judge (min)", "judge_editing_success": "judge: edit success",
          "judge_minimal_editing": "judge: minimal edit", "toy_score": "toy judge (min)",

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from cwm_ray.builtin_models import is_builtin
 from cwm_ray.config import ConfigError, RecognitionConfig, WorldModelConfig
 
 ImageLike = Image.Image | bytes | np.ndarray
@@ -90,12 +91,13 @@ def checkpoint_family(directory: str) -> tuple[str | None, str]:
 
 
 def load_world_model(cfg: WorldModelConfig, recognition: RecognitionConfig | None = None) -> WorldModel:
-    """The backend named by `cfg.backend`, loaded from `cfg.model` (hub id, local or s3:// path, or `toy`).
+    """The backend named by `cfg.backend`, loaded from `cfg.model` (hub id, local or s3:// path, or a built-in
+    model: `toy`, cwm_ray.builtin_models).
 
     A local directory of another family is a clear error naming what it holds and the backend that loads it,
     rather than the first missing file deep inside diffusers or transformers.
     """
-    if cfg.model != "toy" and Path(cfg.model).is_dir():
+    if not is_builtin(cfg.backend, cfg.model) and Path(cfg.model).is_dir():
         backend, what = checkpoint_family(cfg.model)
         if backend != cfg.backend:
             fix = (f"set world_model.backend={backend}" if backend else
@@ -118,11 +120,11 @@ __all__ = ["BACKENDS", "DTYPES", "ImageLike", "WorldModel", "candidate_seed", "l
 
 
 def __getattr__(name: str) -> Any:  # lazy, so importing the protocol does not import diffusers
-    if name in ("DiffusionWorldModel", "build_toy_world_model"):
+    if name == "DiffusionWorldModel":
         from cwm_ray.world_model import diffusion
 
         return getattr(diffusion, name)
-    if name in ("TokenWorldModel", "build_toy_token_world_model"):
+    if name == "TokenWorldModel":
         from cwm_ray.world_model import token
 
         return getattr(token, name)

@@ -32,13 +32,9 @@ toy-models: $(TOY_IDM) $(TOY_WM)
 serve: toy-models
 	.venv/bin/serve run configs/serve.yaml
 
-# Two pytest workers (pytest-xdist; a whole test file per worker, so module fixtures are built once): much of the
-# suite waits on Ray, subprocess jobs and model loading, so two share the cores. `serial` tests start a
-# `ray start` cluster or stop every Ray process, so they run after, alone.
 test: setup
 	$(PY) -m ruff check .
-	$(PY) -m pytest -n 2 --dist loadfile -m "not slow and not serial"
-	$(PY) -m pytest -m serial
+	$(PY) -m pytest
 
 test-faults: setup
 	$(PY) -m pytest -m fault

@@ -64,8 +64,6 @@ from cwm_ray.toyworld.idm_model import build_toy_idm
 from cwm_ray.toyworld.render import render
 from cwm_ray.toyworld.world import random_scene
 
-pytestmark = pytest.mark.serial  # `ray start` / `ray stop --force`: alone, after the parallel part (Makefile)
-
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 MARKER_ENV = "CWM_AUTOSCALING_TEST_CLUSTER"

@@ -18,8 +18,6 @@ from cwm_ray.toyworld.corpus import make_corpus
 from cwm_ray.toyworld.diffusion_model import build_toy_world_model
 from cwm_ray.toyworld.idm_model import build_toy_idm
 
-pytestmark = pytest.mark.serial  # `ray start` / `ray stop --force`: alone, after the parallel part (Makefile)
-
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 

@@ -247,6 +247,9 @@ def test_a_checkpoint_that_cannot_mark_its_images_is_one_clear_error_before_any_
     with pytest.raises(ConfigError, match=message):
         annotate(load(AnnotateConfig, None, args))
     assert not (tmp_path / "out").exists()
+    # The job's preflight refuses a missing input first (its own one line): give it one it never gets to read.
+    missing.mkdir()
+    (missing / "never_read.mp4").write_bytes(b"not a video")
     env = dict(os.environ, RAY_AUTH_MODE="disabled")
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.run([sys.executable, "jobs/annotate.py", *args], cwd=REPO, env=env, capture_output=True,

@@ -266,6 +266,36 @@ def _has_gpu(workers: list[tuple[str, dict[str, float]]]) -> bool:
     return any(res.get("GPU", 0) >= 1 for _, res in workers)
 
 
+@pytest.mark.timeout(300)
+def test_preflight_asks_the_autoscaler_what_it_could_hold(cluster: PrivateAutoscalingCluster) -> None:
+    """No GPU runs now and the open-source autoscaler publishes no node types, so the job's asks go to the
+    autoscaler itself (`request_resources` as a constraint, which it reports infeasible when no mix of its node
+    types can hold it): two IDM actors need 1.5 GPUs of gpu_infer's at most 1, and a 3-CPU IDM actor fits no node
+    type. Each is one line where Ray Data would have waited forever; the wiring's one of each fits.
+
+    First in the module, on the fresh cluster: run after the two scale-up tests, on a loaded machine, the 3-CPU
+    actor was answered as fitting in two runs of two (it is refused every time on a fresh cluster). Why is not
+    known yet: the autoscaler's answer while nodes it started are going away is not trusted here."""
+    cfg = load(AnnotateConfig, [REPO / "configs" / "cluster" / "annotate_g5_8x.yaml"], [
+        "idm_stage.concurrency=1", "recognition_stage.concurrency=1", "decode.num_cpus=0.5"])
+    assert sum(n["resources"].get("GPU", 0) for n in cluster.nodes()) == 0
+    assert not cluster_capacity()[3]  # nothing published: the autoscaler is asked
+    two = dataclasses.replace(cfg, idm_stage=dataclasses.replace(cfg.idm_stage, concurrency=2),
+                              recognition_stage=dataclasses.replace(cfg.recognition_stage, concurrency=2))
+    t0 = time.monotonic()
+    with pytest.raises(ConfigError, match=r"the cluster's autoscaler cannot hold idm_stage 2 x \{CPU: 1, GPU: 0.75\} "
+                                          r"at once .*lower idm_stage.concurrency"):
+        check_job_fits(two)
+    with pytest.raises(ConfigError, match=r"cannot hold idm_stage 1 x \{CPU: 3, GPU: 0.75\} at once"):
+        check_job_fits(dataclasses.replace(cfg, idm_stage=dataclasses.replace(cfg.idm_stage, num_cpus=3.0)))
+    check_job_fits(cfg)
+    print(f"\n[autoscaling] three preflight answers in {time.monotonic() - t0:.1f} s")
+    from ray.autoscaler.v2.sdk import get_cluster_status
+
+    constraints = get_cluster_status(cluster.address).resource_demands.cluster_constraint_demand
+    assert all(not c.bundles_by_count for c in constraints)  # set back to what it was: nothing asked
+
+
 @pytest.mark.timeout(600)
 def test_annotation_starts_a_gpu_node_and_the_idle_node_is_removed(cluster: PrivateAutoscalingCluster,
                                                                    toy: dict[str, Path]) -> None:
@@ -380,29 +410,3 @@ def test_serve_world_model_scales_up_onto_a_new_node_and_back_down(cluster: Priv
         assert {kind for _, workers in timeline.samples for kind, _ in workers} == {"cpu_decode"}
     finally:
         serve.shutdown()
-
-
-@pytest.mark.timeout(300)
-def test_preflight_asks_the_autoscaler_what_it_could_hold(cluster: PrivateAutoscalingCluster) -> None:
-    """No GPU runs now and the open-source autoscaler publishes no node types, so the job's asks go to the
-    autoscaler itself (`request_resources` as a constraint, which it reports infeasible when no mix of its node
-    types can hold it): two IDM actors need 1.5 GPUs of gpu_infer's at most 1, and a 3-CPU IDM actor fits no node
-    type. Each is one line where Ray Data would have waited forever; the wiring's one of each fits."""
-    cfg = load(AnnotateConfig, [REPO / "configs" / "cluster" / "annotate_g5_8x.yaml"], [
-        "idm_stage.concurrency=1", "recognition_stage.concurrency=1", "decode.num_cpus=0.5"])
-    assert sum(n["resources"].get("GPU", 0) for n in cluster.nodes()) == 0
-    assert not cluster_capacity()[3]  # nothing published: the autoscaler is asked
-    two = dataclasses.replace(cfg, idm_stage=dataclasses.replace(cfg.idm_stage, concurrency=2),
-                              recognition_stage=dataclasses.replace(cfg.recognition_stage, concurrency=2))
-    t0 = time.monotonic()
-    with pytest.raises(ConfigError, match=r"the cluster's autoscaler cannot hold idm_stage 2 x \{CPU: 1, GPU: 0.75\} "
-                                          r"at once .*lower idm_stage.concurrency"):
-        check_job_fits(two)
-    with pytest.raises(ConfigError, match=r"cannot hold idm_stage 1 x \{CPU: 3, GPU: 0.75\} at once"):
-        check_job_fits(dataclasses.replace(cfg, idm_stage=dataclasses.replace(cfg.idm_stage, num_cpus=3.0)))
-    check_job_fits(cfg)
-    print(f"\n[autoscaling] three preflight answers in {time.monotonic() - t0:.1f} s")
-    from ray.autoscaler.v2.sdk import get_cluster_status
-
-    constraints = get_cluster_status(cluster.address).resource_demands.cluster_constraint_demand
-    assert all(not c.bundles_by_count for c in constraints)  # set back to what it was: nothing asked

@@ -342,18 +342,27 @@ def check_job_fits(cfg: Any) -> None:
     """A job's asks against the cluster it is connected to, before its first actor or task: the published node
     types (`cluster_capacity`), else the autoscaler's own answer (`autoscaler_can_hold`: all the job's asks at
     once, then group by group only if they do not fit together), else the nodes there are (a cluster without an
-    autoscaler cannot grow). Pools that fit one by one but not together get a warning."""
+    autoscaler cannot grow). Pools that fit one by one but not together get a warning.
+
+    Groups are asked one at a time and the first refused one ends the check: a group the autoscaler can hold makes
+    it start nodes, and while nodes come and go its answers count them (a node being removed still holds its
+    resources, yet no longer counts against its type's max_workers), so asking past a refusal would only start
+    nodes for a job that is refused, and could let a later answer see capacity that is leaving."""
     groups = job_groups(cfg)
     try:
         capacity = cluster_capacity()
         together = None if capacity[3] else autoscaler_can_hold(_bundles([a for g in groups for a in g]))
-        verdicts = [together] * len(groups) if together is not False else \
-            [autoscaler_can_hold(_bundles(g)) if len(groups) > 1 else False for g in groups]
     except Exception as exc:  # noqa: BLE001 (a cluster that cannot say what it holds: go on, Ray will tell)
-        print(f"[preflight] could not read the cluster's resources ({type(exc).__name__}: {exc}); not checked",
-              file=sys.stderr, flush=True)
+        _not_checked(exc)
         return
-    for group, verdict in zip(groups, verdicts, strict=True):
+    for group in groups:
+        verdict = together
+        if together is False:
+            try:
+                verdict = autoscaler_can_hold(_bundles(group)) if len(groups) > 1 else False
+            except Exception as exc:  # noqa: BLE001
+                _not_checked(exc)
+                return
         if verdict is False:
             need = " + ".join(f"{a.what} {a.count} x {_fmt({k: v for k, v in a.resources.items() if v > 0})}"
                               for a in group)
@@ -367,6 +376,11 @@ def check_job_fits(cfg: Any) -> None:
               "will take turns (slower)", file=sys.stderr, flush=True)
     elif together is None:
         warn_if_pools_share(groups, capacity)
+
+
+def _not_checked(exc: Exception) -> None:
+    print(f"[preflight] could not read the cluster's resources ({type(exc).__name__}: {exc}); not checked",
+          file=sys.stderr, flush=True)
 
 
 def warn_if_pools_share(groups: list[list[Ask]], capacity: tuple[list[dict[str, float]], dict[str, float],

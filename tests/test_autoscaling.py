@@ -273,9 +273,11 @@ def test_preflight_asks_the_autoscaler_what_it_could_hold(cluster: PrivateAutosc
     types can hold it): two IDM actors need 1.5 GPUs of gpu_infer's at most 1, and a 3-CPU IDM actor fits no node
     type. Each is one line where Ray Data would have waited forever; the wiring's one of each fits.
 
-    First in the module, on the fresh cluster: run after the two scale-up tests, on a loaded machine, the 3-CPU
-    actor was answered as fitting in two runs of two (it is refused every time on a fresh cluster). Why is not
-    known yet: the autoscaler's answer while nodes it started are going away is not trusted here."""
+    First in the module, on the fresh cluster: the autoscaler counts a node that is being removed (its resources
+    are still there, yet it no longer counts against its type's max_workers), so after the scale-up tests a refused
+    ask could be answered as fitting. The preflight's own asks used to cause that churn too: it asked every pool
+    even after one was refused, and the recognition pool, which fits, made the autoscaler start a gpu_infer node
+    whose removal overlapped the next ask (CI answered "fits" once). It now stops at the first refusal."""
     cfg = load(AnnotateConfig, [REPO / "configs" / "cluster" / "annotate_g5_8x.yaml"], [
         "idm_stage.concurrency=1", "recognition_stage.concurrency=1", "decode.num_cpus=0.5"])
     assert sum(n["resources"].get("GPU", 0) for n in cluster.nodes()) == 0

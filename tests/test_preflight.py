@@ -228,6 +228,28 @@ def test_an_actor_pool_must_fit_and_pools_that_fit_only_in_turn_get_a_warning(
     assert "warning: the pipeline's stages do not fit the cluster together" in capsys.readouterr().err
 
 
+def test_the_autoscaler_is_asked_group_by_group_and_no_further_than_the_first_refusal(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A group the autoscaler can hold makes it start nodes, so nothing is asked past a refused group (those nodes
+    would serve a job that is refused, and their churn is what the autoscaler then counts). The autoscaler here is
+    scripted: the whole job does not fit, decode alone does, the IDM pool does not; the real one answers in
+    tests/test_autoscaling.py."""
+    wired = load(AnnotateConfig, [PROFILE, REPO / "configs" / "cluster" / "annotate_g5_8x.yaml"], ["root=s3://a/b"])
+    asked: list[list[dict[str, float]]] = []
+    answers = iter([False, True, False])
+
+    def can_hold(bundles: list[dict[str, float]]) -> bool:
+        asked.append(bundles)
+        return next(answers)
+
+    monkeypatch.setattr(preflight_module, "cluster_capacity", lambda: ([], {}, {}, False))
+    monkeypatch.setattr(preflight_module, "autoscaler_can_hold", can_hold)
+    with pytest.raises(ConfigError, match=r"autoscaler cannot hold idm_stage 8 x \{CPU: \d+, GPU: 0.75\}"):
+        preflight_module.check_job_fits(wired)
+    assert len(asked) == 3  # the whole job, decode, the IDM pool; never the recognition pool after the refusal
+    assert len(asked[0]) == sum(len(b) for b in asked[1:]) + 8  # the recognition pool's 8 actors only in the first
+
+
 def test_a_training_job_asking_for_a_gpu_here_exits_2_instead_of_hanging(tmp_path: Path) -> None:
     """This machine has no GPU: the job connects to its private Ray, sees that, and says so in one line."""
     from cwm_ray.config import ToyCorpusConfig

@@ -316,7 +316,12 @@ def test_a_replica_killed_during_a_burst_loses_no_request(url: str) -> None:
     """500 requests from 16 clients; a WorldModel replica is killed a third of the way through. Every request
     is answered, and with the answer a fault-free run gives it (sampling is seeded, so a retried call on the new
     replica samples the same candidates): 25 distinct requests, each asked 20 times, against a reference burst
-    of the 25 before the kill."""
+    of the 25 before the kill.
+
+    Up to batching's rounding: a replica samples a batch of requests in one call, and a batch's float rounding
+    depends on what else is in it, so the same seeded request can come back with a pixel one level of 255 off
+    (the toy model at 1 thread, requests alone against random batches of 2-16: 88 of 1,283 answers had one
+    pixel one level off, none more). A lost, repeated or re-seeded answer differs everywhere."""
     replicas = [a for a in ray.util.list_named_actors(all_namespaces=True)
                 if "SERVE_REPLICA" in a["name"] and "WorldModel" in a["name"]]
     assert replicas, ray.util.list_named_actors(all_namespaces=True)
@@ -331,11 +336,15 @@ def test_a_replica_killed_during_a_burst_loses_no_request(url: str) -> None:
     assert [code for code, _ in reference] == [200] * 25
     answers = _burst(url, count=500, concurrency=16, on_progress=kill, best_of=1, distinct=25)
     assert killed and sorted({code for code, _ in answers}) == [200] and len(answers) == 500
-    differ = [i for i, (_, image) in enumerate(answers) if image != reference[i % 25][1]]
-    gaps = [int(np.abs(np.asarray(_decode(answers[i][1]), dtype=int)
-                       - np.asarray(_decode(reference[i % 25][1]), dtype=int)).max()) for i in differ[:5]]
-    assert differ == [], (f"{len(differ)} answers differ from the fault-free run's, e.g. requests {differ[:5]} "
-                          f"(largest pixel differences {gaps})")
+    gaps = {}  # request -> (largest pixel difference, pixels that differ), for answers not byte-identical
+    for i, (_, image) in enumerate(answers):
+        if image != reference[i % 25][1]:
+            diff = np.abs(np.asarray(_decode(image), dtype=int) - np.asarray(_decode(reference[i % 25][1]), dtype=int))
+            gaps[i] = (int(diff.max()), int((diff > 0).any(-1).sum()))
+    far = {i: g for i, g in gaps.items() if g[0] > 1 or g[1] > RES * RES // 100}
+    assert far == {}, (f"{len(far)} answers differ from the fault-free run's by more than batching's rounding, "
+                       f"e.g. {dict(list(far.items())[:5])} (request: largest difference, pixels)")
+    print(f"\n[serve] {len(gaps)} of 500 answers within one level on a few pixels, the rest identical")
     names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
              if "SERVE_REPLICA" in a["name"] and "WorldModel" in a["name"]]
     assert replicas[0]["name"] not in names  # the kill happened, and a new replica took over

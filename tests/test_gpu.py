@@ -1,11 +1,12 @@
 """The conformance matrix on a CUDA GPU: every family, every model path that runs on an accelerator.
 
-CI has no GPU, so this module is skipped there (one reason, below); the device guard (tests/test_device_guard.py)
-is what CI runs instead. On a GPU machine, from the project root, after packing what its image lacks (the openai
+CI has no GPU, so this module carries the `gpu` marker, which the default suite deselects (pyproject's addopts);
+the device guard (tests/test_device_guard.py) is what CI runs instead. Selected where CUDA is absent, it fails.
+On a GPU machine, from the project root, after packing what its image lacks (the openai
 client too, which the Serve test drives):
 
     EXTRA=openai bash ../shared/gpu/bundle.sh                  # here, once
-    bash .gpu/run.sh python3 -m pytest -q tests/test_gpu.py    # there
+    bash .gpu/run.sh python3 -m pytest -q -m gpu tests/test_gpu.py    # there
 
 It builds the tiny checkpoints of each family (`cwm_ray/tiny/`) and runs, on CUDA, at the dtypes the profiles
 (`configs/real/*.yaml`) give each stage:
@@ -47,9 +48,15 @@ from cwm_ray.tiny.idm import IDM_FAMILIES
 from cwm_ray.verify import best_of_n
 from cwm_ray.world_model import load_world_model
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI runs the device guard, "
-                                "tests/test_device_guard.py; on a GPU: bash .gpu/run.sh python3 -m pytest -q "
-                                "tests/test_gpu.py)")
+pytestmark = pytest.mark.gpu  # deselected by default (pyproject's addopts): CI has no GPU and runs the device guard
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _cuda() -> None:
+    """Selected with `-m gpu` where CUDA is absent: a failure that says so, never a skip."""
+    if DEVICE == "cuda" and not torch.cuda.is_available():
+        pytest.fail("tests/test_gpu.py needs a CUDA GPU; run it there with -m gpu (CI runs tests/test_device_guard.py)")
+
 
 DEVICE = "cuda"
 GPU_SHARE = 0.2

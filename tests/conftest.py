@@ -64,3 +64,20 @@ def browser() -> Iterator[object]:
     driver = webdriver.Chrome(options=options, service=webdriver.ChromeService("/usr/bin/chromedriver"))
     yield driver
     driver.quit()
+
+
+_FILE_SECONDS: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Seconds per test file (setup, call and teardown), for the line below."""
+    _FILE_SECONDS[report.fspath] = _FILE_SECONDS.get(report.fspath, 0.0) + report.duration
+
+
+@pytest.hookimpl(trylast=True)  # after the slowest-durations list, so it is in the end CI shows
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """One line of seconds per test file, largest first: CI shows only the end of its log, and the suite's time
+    budget (about 40 minutes) is kept file by file."""
+    ranked = sorted(_FILE_SECONDS.items(), key=lambda kv: -kv[1])
+    terminalreporter.write_line("seconds per file: " + ", ".join(
+        f"{os.path.basename(path).removeprefix('test_').removesuffix('.py')} {s:.0f}" for path, s in ranked))

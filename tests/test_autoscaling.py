@@ -296,6 +296,9 @@ def test_preflight_asks_the_autoscaler_what_it_could_hold(cluster: PrivateAutosc
 
     constraints = get_cluster_status(cluster.address).resource_demands.cluster_constraint_demand
     assert all(not c.bundles_by_count for c in constraints)  # set back to what it was: nothing asked
+    # The ask that fits made the autoscaler start a gpu_infer node (for the job that would follow); with nothing
+    # asked it goes away idle, and the next tests start from no worker node.
+    _wait("the node the fitting ask started is removed", lambda: cluster.workers() == [], 180, state=cluster.workers)
 
 
 @pytest.mark.timeout(600)

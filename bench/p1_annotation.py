@@ -256,7 +256,10 @@ def run(args: dict[str, Any]) -> list[dict[str, Any]]:
                     s = annotate(cfg)
                     stages = s.get("stages", {})
                     startup = max([st.get("ready_s", 0.0) for st in stages.values()] or [0.0])
-                    entry["pipeline"] = {"pairs": s["pairs"], "seconds": s["pipeline_seconds"], "startup_s": startup,
+                    # The pairs it worked through: stored ones and those the IDM stage dropped (an empty action,
+                    # summary.json's `dropped`), which the loop counts as it has no such rule.
+                    worked = s["pairs"] + sum((s.get("dropped") or {}).values())
+                    entry["pipeline"] = {"pairs": worked, "seconds": s["pipeline_seconds"], "startup_s": startup,
                                          "steady_s": s["pipeline_seconds"] - startup, "idm": stages.get("idm", {}),
                                          "recognition": stages.get("recognition", {})}
                     print(f"[bench p1] Ray Data stats of round {r}: {cfg.output}/{RAY_DATA_STATS}", file=sys.stderr)

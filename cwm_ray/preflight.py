@@ -268,17 +268,26 @@ def autoscaler_can_hold(bundles: list[dict[str, float]], timeout_s: float = 60.0
     no autoscaler (a cluster of fixed size). No answer within `timeout_s` counts as True, with a note: the check
     must never be what stops a job that fits.
 
-    How: Ray's `request_resources` sets the bundles as a cluster constraint, and the autoscaler (v2) reports a
-    constraint that no mix of its node types, up to their maximum counts, can hold as infeasible. A feasible one
-    makes it start the nodes the job is about to ask for anyway; the constraint is then set back to what it was.
+    How: the bundles go in as a cluster constraint (what Ray's `request_resources` sets), and the autoscaler (v2)
+    reports a constraint that no mix of its node types, up to their maximum counts, can hold as infeasible. A
+    feasible one makes it start the nodes the job is about to ask for anyway; the constraint is then set back to
+    what it was. The constraint is set through the v2 SDK's call on this cluster's GCS, not `request_resources`:
+    that one picks v1 or v2 by a flag Ray caches per process, so after another Ray in the same process (one
+    without an autoscaler) it wrote v1's format, which a v2 autoscaler never reads, and every ask "fitted".
     """
     import time
 
-    from ray.autoscaler.sdk import request_resources
+    import ray
+    from ray.autoscaler.v2.sdk import request_cluster_resources
 
     before = _autoscaler_status()
     if not before.HasField("autoscaling_state") or before.autoscaling_state.autoscaler_state_version == 0:
-        return None
+        return None  # no v2 autoscaler reports to this cluster's GCS
+    gcs = ray.get_runtime_context().gcs_address
+
+    def request_resources(bundles: list[dict[str, float]]) -> None:
+        request_cluster_resources(gcs, [{"resources": b, "label_selector": {}} for b in bundles])
+
     previous = [dict(r.request.resources_bundle) for c in before.cluster_resource_state.cluster_resource_constraints
                 for r in c.resource_requests for _ in range(r.count)]
     request_resources(bundles=bundles)

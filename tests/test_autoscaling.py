@@ -267,7 +267,8 @@ def _has_gpu(workers: list[tuple[str, dict[str, float]]]) -> bool:
 
 
 @pytest.mark.timeout(420)
-def test_preflight_asks_the_autoscaler_what_it_could_hold(cluster: PrivateAutoscalingCluster) -> None:
+def test_preflight_asks_the_autoscaler_what_it_could_hold(cluster: PrivateAutoscalingCluster,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """No GPU runs now and the open-source autoscaler publishes no node types, so the job's asks go to the
     autoscaler itself (`request_resources` as a constraint, which it reports infeasible when no mix of its node
     types can hold it): two IDM actors need 1.5 GPUs of gpu_infer's at most 1, and a 3-CPU IDM actor fits no node
@@ -277,7 +278,14 @@ def test_preflight_asks_the_autoscaler_what_it_could_hold(cluster: PrivateAutosc
     are still there, yet it no longer counts against its type's max_workers), so after the scale-up tests a refused
     ask could be answered as fitting. The preflight's own asks used to cause that churn too: it asked every pool
     even after one was refused, and the recognition pool, which fits, made the autoscaler start a gpu_infer node
-    whose removal overlapped the next ask (CI answered "fits" once). It now stops at the first refusal."""
+    whose removal overlapped the next ask (CI answered "fits" once). It now stops at the first refusal.
+
+    And as in a full run, where test_annotate's Ray (no autoscaler) came first in this process: Ray caches per
+    process whether the autoscaler is v2, and `request_resources` then wrote v1's format, which this v2 autoscaler
+    never read, so every ask "fitted" (CI's DID NOT RAISE). The preflight sets its constraint through the v2 call."""
+    from ray.autoscaler.v2 import utils as autoscaler_v2_utils
+
+    monkeypatch.setattr(autoscaler_v2_utils, "cached_is_autoscaler_v2", False)  # what that earlier Ray leaves
     cfg = load(AnnotateConfig, [REPO / "configs" / "cluster" / "annotate_g5_8x.yaml"], [
         "idm_stage.concurrency=1", "recognition_stage.concurrency=1", "decode.num_cpus=0.5"])
     assert sum(n["resources"].get("GPU", 0) for n in cluster.nodes()) == 0

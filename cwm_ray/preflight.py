@@ -354,9 +354,8 @@ def check_job_fits(cfg: Any) -> None:
     autoscaler cannot grow). Pools that fit one by one but not together get a warning.
 
     Groups are asked one at a time and the first refused one ends the check: a group the autoscaler can hold makes
-    it start nodes, and while nodes come and go its answers count them (a node being removed still holds its
-    resources, yet no longer counts against its type's max_workers), so asking past a refusal would only start
-    nodes for a job that is refused, and could let a later answer see capacity that is leaving."""
+    it start nodes, so asking past a refusal would only start nodes for a job that is refused (and while nodes
+    come and go, the autoscaler may count a node that is being removed)."""
     groups = job_groups(cfg)
     try:
         capacity = cluster_capacity()

@@ -274,15 +274,14 @@ def test_preflight_asks_the_autoscaler_what_it_could_hold(cluster: PrivateAutosc
     types can hold it): two IDM actors need 1.5 GPUs of gpu_infer's at most 1, and a 3-CPU IDM actor fits no node
     type. Each is one line where Ray Data would have waited forever; the wiring's one of each fits.
 
-    First in the module, on the fresh cluster: the autoscaler counts a node that is being removed (its resources
-    are still there, yet it no longer counts against its type's max_workers), so after the scale-up tests a refused
-    ask could be answered as fitting. The preflight's own asks used to cause that churn too: it asked every pool
-    even after one was refused, and the recognition pool, which fits, made the autoscaler start a gpu_infer node
-    whose removal overlapped the next ask (CI answered "fits" once). It now stops at the first refusal.
+    As in a full run, where test_annotate's Ray (no autoscaler) came first in this process: Ray caches per process
+    whether the autoscaler is v2, and `request_resources` then wrote v1's format, which this v2 autoscaler never
+    read, so every ask "fitted" (CI's DID NOT RAISE, twice). The preflight sets its constraint through the v2 call.
 
-    And as in a full run, where test_annotate's Ray (no autoscaler) came first in this process: Ray caches per
-    process whether the autoscaler is v2, and `request_resources` then wrote v1's format, which this v2 autoscaler
-    never read, so every ask "fitted" (CI's DID NOT RAISE). The preflight sets its constraint through the v2 call."""
+    First in the module, on the fresh cluster: run after the scale-up tests in two loaded runs, a refused ask was
+    answered as fitting; the autoscaler counting a node that is being removed (its resources still there, no
+    longer counted against max_workers) is the likely reason, not shown. The preflight also stops at the first
+    refused pool now, so its own asks start no node for a job it refuses."""
     from ray.autoscaler.v2 import utils as autoscaler_v2_utils
 
     monkeypatch.setattr(autoscaler_v2_utils, "cached_is_autoscaler_v2", False)  # what that earlier Ray leaves

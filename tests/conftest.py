@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import boto3
 import pytest
+import toy_gate_models
 
 from cwm_ray import storage
 from cwm_ray.config import StorageConfig
@@ -64,6 +65,17 @@ def browser() -> Iterator[object]:
     driver = webdriver.Chrome(options=options, service=webdriver.ChromeService("/usr/bin/chromedriver"))
     yield driver
     driver.quit()
+
+
+@pytest.hookimpl(trylast=True)  # after `-m` / `-k` deselected what they deselect
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The toy gates run last, and their models train in the background from the start (tests/toy_gate_models.py
+    says why): the suite keeps to CI's time budget without training them less."""
+    toy_gate_models.schedule(config, items)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    toy_gate_models.stop(config)
 
 
 _FILE_SECONDS: dict[str, float] = {}

@@ -29,14 +29,12 @@ import json
 import os
 import random
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -46,6 +44,7 @@ import httpx
 import pyarrow.parquet as pq
 import pytest
 import ray
+import ray_processes
 import yaml
 from PIL import Image
 from ray import serve
@@ -66,7 +65,6 @@ from cwm_ray.toyworld.world import random_scene
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-MARKER_ENV = "CWM_AUTOSCALING_TEST_CLUSTER"
 IDLE_TIMEOUT_MIN = 0.1  # 6 s; cluster/aws.yaml has 10 min
 MB = 2**20
 HEAD_CPUS = 2  # cluster/aws.yaml's head has 0 CPUs; here it also runs the CPU stages, to start fewer raylets
@@ -92,7 +90,7 @@ class PrivateAutoscalingCluster(AutoscalingCluster):
 
     def __init__(self, head_resources: dict[str, Any], worker_node_types: dict[str, Any], **config: Any) -> None:
         super().__init__(head_resources, worker_node_types, autoscaler_v2=True, **config)
-        self.marker = uuid.uuid4().hex
+        self.marker = ray_processes.new_marker()
         self.temp_dir = tempfile.mkdtemp(prefix="cwmas", dir="/tmp")  # short: Unix socket paths live under it
         self.address = f"{ray.util.get_node_ip_address()}:{_free_port()}"
         self._config["provider"]["gcs_address"] = self.address  # where the fake provider's nodes join
@@ -136,7 +134,7 @@ class PrivateAutoscalingCluster(AutoscalingCluster):
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {
             "AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_FAKE_CLUSTER": "1", "RAY_AUTH_MODE": "disabled",
             "RAY_enable_autoscaler_v2": "1", "RAY_CLOUD_INSTANCE_ID": FAKE_HEAD_NODE_ID,
-            "RAY_OVERRIDE_NODE_ID_FOR_TESTING": FAKE_HEAD_NODE_ID, MARKER_ENV: self.marker,
+            "RAY_OVERRIDE_NODE_ID_FOR_TESTING": FAKE_HEAD_NODE_ID, **self.marker,
             "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **(override_env or {})}
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         if done.returncode:
@@ -145,29 +143,11 @@ class PrivateAutoscalingCluster(AutoscalingCluster):
 
     def processes(self) -> list[int]:
         """Every live process of this cluster: the head's, the worker nodes' and their workers."""
-        tag = f"{MARKER_ENV}={self.marker}".encode()
-        pids = []
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                try:
-                    environ = Path(f"/proc/{entry}/environ").read_bytes()
-                except OSError:  # gone, or another user's
-                    continue
-                if tag in environ.split(b"\0"):
-                    pids.append(int(entry))
-        return pids
+        return ray_processes.processes(self.marker)
 
     def shutdown(self) -> None:
         """SIGTERM, then SIGKILL after a grace period, to this cluster's processes only; then its temp dir."""
-        for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
-            for pid in self.processes():
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-            deadline = time.monotonic() + grace
-            while self.processes() and time.monotonic() < deadline:
-                time.sleep(0.2)
+        ray_processes.stop(self.marker)
         if not os.environ.get("CWM_KEEP_CLUSTER_LOGS"):  # set it to read the cluster's logs after a failure
             shutil.rmtree(self.temp_dir, ignore_errors=True)
 

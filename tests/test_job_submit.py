@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import ray_processes
 
 from cwm_ray.config import ToyCorpusConfig
 from cwm_ray.toyworld.corpus import make_corpus
@@ -30,21 +33,25 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def head_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real head node (GCS, raylet, dashboard with the Jobs API) on free ports.
+    """A real head node (GCS, raylet, dashboard with the Jobs API) on free ports and its own temp dir.
 
-    `ray stop` afterwards stops every Ray process on the machine; the other test modules start and shut
-    down their own Ray per module, so none is running while this one does.
+    Stopped by its marker (`ray_processes`), not `ray stop`, which ends every Ray process of the user; its own
+    temp dir keeps `ray_current_cluster`, which a plain `ray.init()` elsewhere would join, to itself.
     """
     port, dash = _free_port(), _free_port()
+    marker, temp_dir = ray_processes.new_marker(), tempfile.mkdtemp(prefix="cwmjs", dir="/tmp")  # short: sockets
     # as with an activated virtualenv: the entrypoint's `python` is the one that has cwm_ray installed
-    env = os.environ | {"RAY_AUTH_MODE": "disabled", "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    subprocess.run([str(BIN / "ray"), "start", "--head", f"--port={port}", f"--dashboard-port={dash}",
-                    "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1", "--disable-usage-stats"],
-                   check=True, env=env, capture_output=True, timeout=180)
+    env = os.environ | marker | {"RAY_AUTH_MODE": "disabled",
+                                 "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     try:
+        subprocess.run([str(BIN / "ray"), "start", "--head", f"--port={port}", f"--dashboard-port={dash}",
+                        f"--temp-dir={temp_dir}", "--num-cpus=2", "--include-dashboard=true",
+                        "--dashboard-host=127.0.0.1", "--disable-usage-stats"],
+                       check=True, env=env, capture_output=True, timeout=180)
         yield f"http://127.0.0.1:{dash}"
     finally:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        ray_processes.stop(marker)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_annotate_through_ray_job_submit(head_node: str, tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""The toy targets, end to end with the jobs' default configs (about 25 minutes on 2 cores, in every CI run).
+"""The toy targets, end to end with the jobs' default configs (about 25 minutes of 2 cores, in every CI run).
 
 Trains the toy IDM and the token world model exactly as `jobs/train_idm.py` and `jobs/train_world_model.py
 --config configs/train_token_world_model.yaml` do (only the output paths move to a temporary directory, and the
@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import toy_gate_models
 from PIL import Image
 
 from cwm_ray.config import EvaluateIDMConfig, IDMConfig, ToyWorldConfig, WorldModelConfig
@@ -33,9 +34,9 @@ from cwm_ray.toyworld.render import render
 from cwm_ray.toyworld.world import apply, near_misses, parse_action
 from cwm_ray.world_model import load_world_model
 
-# The module's fixture trains both toy models (1,360 s in a full serial run on 2 cores, 2026-12-05: the IDM about
-# 8 minutes, the token world model about 14, at 49 samples/s in its first epoch and 79 once its VQ codes are cached),
-# which counts against the first test's time: the suite's 900 s per test is too short for it.
+# The module's models train in the background from the session's start (tests/toy_gate_models.py): 1,588 s alone on
+# a quiet 2-core machine (2026-12-05), 1,325 s in a full serial run before. The first test waits for whatever is
+# left, which counts against its time: the suite's 900 s per test can be too short for it.
 pytestmark = pytest.mark.timeout(2400)
 REPO = Path(__file__).resolve().parents[1]
 NEAR_MISS_RATE = 0.75
@@ -46,7 +47,7 @@ so the same move ending in another colour passes on about a quarter of `move` an
 about every other CI run; 75 % is 2 standard errors (3.8 points each, at 83 %) below the lower run, and the other
 two near misses are held to 95 % each."""
 WORLD = ToyWorldConfig()
-TEST_PAIRS = 1000
+TEST_PAIRS = toy_gate_models.TEST_PAIRS
 """Held-out pairs the IDM gate is measured on. Its threshold (90 % explained) must sit at least 3 standard errors
 below the documented accuracy (92.7-96.0 % on the default 300 pairs, docs/experiments.md): at 300 pairs one
 standard error at 92.7 % is 1.5 points, so the gate was 1.8 of them below; at 1,000 it is 0.82 points, and 90 %
@@ -61,15 +62,11 @@ def _run(script: str, *args: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("toy")
-    corpus, runs = root / "corpus", root / "runs"
-    _run("make_toy_corpus.py", f"output={corpus}", f"num_test={TEST_PAIRS}")
-    gold = f"data.sources=[{{uri: {corpus / 'gold' / 'train.json'}}}]"
-    _run("train_idm.py", gold, f"train.storage_path={runs}", f"train.export={root / 'idm'}")
-    _run("train_world_model.py", "--config", "configs/train_token_world_model.yaml", gold,
-         f"train.storage_path={runs}", f"train.export={root / 'wm'}")
-    return {"root": root, "corpus": corpus, "idm": root / "idm", "wm": root / "wm"}
+def trained(request: pytest.FixtureRequest) -> dict[str, Path]:
+    """The models tests/toy_gate_models.py trains, in the background since the session started (conftest.py)."""
+    models = toy_gate_models.background(request.config).wait(timeout_s=2300)
+    print(f"toy gates' models trained in {models.pop('seconds')} s")
+    return models
 
 
 def _test_items(corpus: Path) -> list[dict]:

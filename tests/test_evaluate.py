@@ -311,7 +311,8 @@ def test_evaluate_end_to_end_and_the_report_in_chromium(tmp_path: Path, tiny_mod
     bench = _bench(tmp_path / "bench")
     with JudgeServer() as server:
         cfg = load(EvaluateConfig, REPO / "configs" / "evaluate.yaml", [
-            f"bench={bench}", f"world_model.model={tiny_models['wm']}", "world_model.resolution=32",
+            f"bench={bench}", "world_model.backend=diffusion", f"world_model.model={tiny_models['wm']}",
+            "world_model.resolution=32",
             "world_model.num_inference_steps=2", f"idm.model={tiny_models['idm']}", "idm.image_size=32",
             "best_of=[1,2,4]", f"output={tmp_path / 'eval'}", "judge.enabled=true",
             f"judge.base_url={server.base_url}", f"judge.cache_dir={tmp_path / 'cache'}",
@@ -384,7 +385,8 @@ def test_predictions_are_saved_before_judging_and_a_rerun_resumes_from_them(tmp_
     store = tmp_path / "mlruns"
     with JudgeServer() as server:
         cfg = load(EvaluateConfig, REPO / "configs" / "evaluate.yaml", [
-            f"bench={bench}", f"world_model.model={tmp_path / 'wm'}", "world_model.resolution=32",
+            f"bench={bench}", "world_model.backend=diffusion", f"world_model.model={tmp_path / 'wm'}",
+            "world_model.resolution=32",
             "world_model.num_inference_steps=2", f"idm.model={tiny_models['idm']}", "idm.image_size=32",
             "best_of=[1,2]", f"output={tmp_path / 'eval'}", "judge.enabled=true", "judge.max_retries=0",
             f"judge.base_url={server.base_url}", f"judge.cache_dir={tmp_path / 'cache'}",

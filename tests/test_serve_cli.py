@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -18,10 +19,10 @@ import yaml
 from PIL import Image
 from ray.serve.schema import ServeDeploySchema
 
-from cwm_ray.config import ConfigError, ServeConfig, ToyWorldConfig, from_dict
-from cwm_ray.toyworld.diffusion_model import build_toy_world_model
+from cwm_ray.config import ConfigError, ServeConfig, ToyWorldConfig, TrainWorldModelConfig, from_dict, load
 from cwm_ray.toyworld.idm_model import build_toy_idm
 from cwm_ray.toyworld.render import render
+from cwm_ray.toyworld.token_model import build_toy_token_world_model
 from cwm_ray.toyworld.world import random_scene
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,7 +50,14 @@ def test_serve_yaml_is_a_valid_serve_config_with_typed_args() -> None:
     (app,) = schema.applications
     assert app.import_path == "cwm_ray.serve.app:build_app"
     cfg = from_dict(ServeConfig, app.args)
-    assert cfg.world_model.model == "outputs/models/toy_world_model" and cfg.idm.model == "outputs/models/toy_idm"
+    # `make serve` serves the toy that learns the toy world: the token one `make toy-models` trains (issue 36)
+    assert (cfg.world_model.backend, cfg.world_model.model) == ("token", "outputs/models/toy_token_world_model")
+    assert cfg.idm.model == "outputs/models/toy_idm"
+    # ... and `make toy-models` (the Makefile's TOY_WM) builds what it serves: the token config's export
+    trained = load(TrainWorldModelConfig, REPO / "configs" / "train_token_world_model.yaml", [])
+    (toy_wm,) = re.findall(r"^TOY_WM := (\S+)$", (REPO / "Makefile").read_text(), re.MULTILINE)
+    assert trained.train.export == cfg.world_model.model == str(Path(toy_wm).parent)
+    assert trained.world_model.backend == "token"
     assert {d.name if hasattr(d, "name") else d["name"] for d in app.deployments} == {
         "WorldModel", "Verifier", "Ingress"}
     with pytest.raises(ConfigError, match="best_off"):
@@ -64,14 +72,14 @@ def test_a_missing_model_is_one_clear_error(tmp_path: Path) -> None:
 
 
 def test_serve_run_of_the_config_file_answers_the_openai_client(tmp_path: Path) -> None:
-    build_toy_world_model(str(tmp_path / "wm"), resolution=32, patch_size=1, block_out_channels=(8, 16),
-                          text_hidden_size=16)
+    """The shipped file with only its model paths moved (to tiny models of the same kinds) and a free port."""
+    build_toy_token_world_model(str(tmp_path / "wm"), resolution=32, hidden_size=32, num_layers=1, num_heads=2)
     build_toy_idm(str(tmp_path / "idm"), image_size=32, hidden_size=32, text_layers=1)
     raw = yaml.safe_load(CONFIG.read_text())
     port = _free_port()
     raw["http_options"]["port"] = port
     args = raw["applications"][0]["args"]
-    args["world_model"] = {"model": str(tmp_path / "wm"), "resolution": 32, "num_inference_steps": 2}
+    args["world_model"]["model"] = str(tmp_path / "wm")
     args["idm"] = {"model": str(tmp_path / "idm"), "image_size": 32}
     config = tmp_path / "serve.yaml"
     config.write_text(yaml.safe_dump(raw))

@@ -35,6 +35,9 @@ def _free_port() -> int:
 def head_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real head node (GCS, raylet, dashboard with the Jobs API) on free ports and its own temp dir.
 
+    Every port is a free one: another Ray on the machine (the toy gates' training runs beside the suite) holds
+    the defaults, and a job agent that cannot bind 52365 leaves the head answering "No available agent".
+
     Stopped by its marker (`ray_processes`), not `ray stop`, which ends every Ray process of the user; its own
     temp dir keeps `ray_current_cluster`, which a plain `ray.init()` elsewhere would join, to itself.
     """
@@ -45,6 +48,7 @@ def head_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                                  "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     try:
         subprocess.run([str(BIN / "ray"), "start", "--head", f"--port={port}", f"--dashboard-port={dash}",
+                        f"--dashboard-agent-listen-port={_free_port()}", f"--ray-client-server-port={_free_port()}",
                         f"--temp-dir={temp_dir}", "--num-cpus=2", "--include-dashboard=true",
                         "--dashboard-host=127.0.0.1", "--disable-usage-stats"],
                        check=True, env=env, capture_output=True, timeout=180)

@@ -52,7 +52,7 @@ DEFAULTS: dict[str, Any] = {
     "config": "configs/annotate.yaml", "video_size": 64, "balance_repeats": 3, "reservation": 0, "full_batches": 1,
 }
 TOY: dict[str, Any] = {
-    "idm": "toy", "num_videos": 24, "emit": "P1,P5,P7", "decode_cpus": 0.5, "idm_cpus": 1.0, "idm_threads": 0,
+    "idm": "toy", "num_videos": 24, "emit": "P1,P5,P7", "decode_cpus": 0.5, "idm_cpus": 0.5, "idm_threads": 0,
     "idm_batch": 32, "idm_concurrency": 1,
 }
 """The settings of the toy balance (configs/annotate.yaml's stages), applied under any key=value given with idm=toy."""

@@ -215,7 +215,8 @@ def test_an_actor_pool_must_fit_and_pools_that_fit_only_in_turn_get_a_warning(
     assert [[a.what for a in g] for g in groups] == [["decode"], ["idm_stage"], ["recognition_stage"]]
     for group in groups:  # 8 IDM actors x 0.75 GPU and 8 recognition actors x 0.25: on the g5 type
         check_cluster_fits(group, AUTOSCALING)
-    three = load(AnnotateConfig, REPO / "configs" / "annotate.yaml", ["idm_stage.concurrency=3"])
+    three = load(AnnotateConfig, REPO / "configs" / "annotate.yaml",
+                 ["idm_stage.concurrency=3", "idm_stage.num_cpus=1"])
     with pytest.raises(ConfigError, match=r"the job asks for 3 CPU at once \(idm_stage 3 x 1\), and the cluster has 2 "
                                           r"and no autoscaler.*lower idm_stage.concurrency") as err:
         for group in job_groups(three):

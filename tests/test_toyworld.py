@@ -10,7 +10,7 @@ from PIL import Image
 
 from cwm_ray import storage
 from cwm_ray.config import ToyCorpusConfig, ToyWorldConfig
-from cwm_ray.toyworld.corpus import ground_truth_action, make_corpus, make_video
+from cwm_ray.toyworld.corpus import ground_truth_action, make_corpus, make_pretraining_gold, make_video
 from cwm_ray.toyworld.parser import judge, parse_scene
 from cwm_ray.toyworld.render import animate, render
 from cwm_ray.toyworld.world import (
@@ -90,6 +90,26 @@ def test_corpus_is_deterministic(tmp_path: Path) -> None:
         assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes(), rel
     make_corpus(small_corpus(str(tmp_path / "c"), seed=1))
     assert (tmp_path / "a/gold/train.json").read_bytes() != (tmp_path / "c/gold/train.json").read_bytes()
+
+
+def test_pretraining_gold_uses_none_of_the_corpus_scenes_and_every_action_kind(tmp_path: Path) -> None:
+    """Issue 36: the fine-tuned rows start from a world model pretrained on scenes the table never uses, so it is
+    not judged on scenes it memorised. Compared by the rendered images the jobs read, not by the scene objects."""
+    cfg = small_corpus(str(tmp_path / "corpus"))
+    make_corpus(cfg)
+    summary = make_pretraining_gold(cfg, str(tmp_path / "pretrain"), 300)
+    gold = tmp_path / "pretrain" / "gold"
+    items = json.loads((gold / "train.json").read_text())
+    assert len(items) == summary["gold_train"] == 300
+    assert {it["task"] for it in items} == set(ToyWorldConfig().actions) == set(summary["kinds"])
+    corpus = tmp_path / "corpus" / "gold"
+    table_scenes = {(corpus / it["input"]).read_bytes() for split in ("train", "test")
+                    for it in json.loads((corpus / f"{split}.json").read_text())}
+    assert len(table_scenes) == summary["scenes_avoided"]  # every corpus scene renders to its own image
+    assert not table_scenes & {(gold / it["input"]).read_bytes() for it in items}
+    again = make_pretraining_gold(cfg, str(tmp_path / "again"), 300)  # deterministic, like the corpus
+    assert (tmp_path / "again" / "gold" / "train.json").read_bytes() == (gold / "train.json").read_bytes()
+    assert again["kinds"] == summary["kinds"]
 
 
 @pytest.fixture(scope="module")

@@ -63,6 +63,8 @@ from cwm_ray.config.core import (
 )
 from cwm_ray.config.evaluate import (
     AURORA_JUDGED_TASKS,
+    PAPER_FINETUNE,
+    REPRODUCE_REGIMES,
     REPRODUCE_ROWS,
     EvaluateConfig,
     EvaluateIDMConfig,
@@ -134,6 +136,8 @@ __all__ = [
     "PLACEHOLDER",
     "PROFILE_SECTIONS",
     "REPO_ROOT",
+    "PAPER_FINETUNE",
+    "REPRODUCE_REGIMES",
     "REPRODUCE_ROWS",
     "ROOT_KEY",
     "RecognitionConfig",

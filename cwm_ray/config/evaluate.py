@@ -144,6 +144,11 @@ class EvaluateIDMConfig:
 
 
 REPRODUCE_ROWS = ("a", "b", "b_oracle", "c")
+REPRODUCE_REGIMES = ("scratch", "finetuned")
+PAPER_FINETUNE = ("world_model.lora.enabled=true", "world_model.lora.r=16", "world_model.lora.alpha=32",
+                  "optim.lr=5e-4", "optim.warmup_steps=20", "optim.global_batch_size=32", "optim.max_steps=null",
+                  "optim.epochs=10")
+"""`ReproduceConfig.finetune_overrides`' default: the paper's fine-tuning recipe (PAPER.md), at the toy's batch."""
 """The table's rows, as `best_of_rows` names them (`ROWS` in cwm_ray/evaluate/reproduce.py says what each trains on;
 this module cannot import the evaluate package)."""
 
@@ -182,6 +187,20 @@ class ReproduceConfig:
     world_model_overrides: list[str] = field(default_factory=list)
     evaluate_overrides: list[str] = field(default_factory=lambda: ["max_items=20"])
     """Default: 20 test items per action kind (100 items), judged for every row and N."""
+    regimes: list[str] = field(default_factory=lambda: ["scratch"])
+    """How every row's world model starts: `scratch` (from its YAML's model, as `world_model_overrides` train it)
+    and/or `finetuned` (LoRA on one world model pretrained once, on `pretrain_gold` triplets of scenes the table
+    never uses: the paper's regime, `finetune_overrides`). Both give the table each row twice, side by side;
+    configs/reproduce.yaml asks for both."""
+    pretrain_gold: int = 10000
+    """Gold triplets of the pretraining set (every action kind, none of the corpus's gold or test scenes)."""
+    pretrain_overrides: list[str] = field(default_factory=list)
+    """The pretraining run's overrides over `world_model_config` (alone: the rows' `world_model_overrides` do not
+    apply). It trains once, for every seed, and is reused while its config and the corpus stay the same."""
+    finetune_overrides: list[str] = field(default_factory=lambda: list(PAPER_FINETUNE))
+    """The `finetuned` rows' overrides, after `world_model_overrides`, on the pretrained model: the paper's LoRA
+    r16/α32, lr 5e-4, a fixed global batch and a schedule in epochs (so row (b), with ~3x the data, takes ~3x the
+    steps of row (a), as an epoch schedule does in the paper)."""
     allow_toy: bool = False
     """Let a run on a joined cluster (RAY_ADDRESS set) or on GPUs use toy values: a `toy` model, the toy corpus
     (outputs/toy_corpus/...), relative output paths. Off, `check_toy_values` refuses them there: a random model, or
@@ -194,6 +213,12 @@ class ReproduceConfig:
         if unknown:
             raise ConfigError(f"bad value for config key 'best_of_rows': {unknown}; rows are "
                               f"{', '.join(REPRODUCE_ROWS)}")
+        if not self.regimes or any(r not in REPRODUCE_REGIMES for r in self.regimes) \
+                or len(set(self.regimes)) != len(self.regimes):
+            raise ConfigError(f"bad value for config key 'regimes': {self.regimes}; use one or both of "
+                              f"{', '.join(REPRODUCE_REGIMES)}")
+        if self.pretrain_gold < 1:
+            raise ConfigError(f"bad value for config key 'pretrain_gold': {self.pretrain_gold}; use 1 or more")
         if not (REPO_ROOT / "configs" / self.world_model_config).is_file():
             raise ConfigError(f"bad value for config key 'world_model_config': {self.world_model_config!r}; "
                               f"no such file in {REPO_ROOT / 'configs'}")
@@ -204,8 +229,12 @@ class ReproduceConfig:
                   "annotate_overrides": (AnnotateConfig, "annotate.yaml"),
                   "world_model_overrides": (TrainWorldModelConfig, self.world_model_config),
                   "evaluate_overrides": (EvaluateConfig, "evaluate.yaml")}
+        stages |= {"pretrain_overrides": (TrainWorldModelConfig, self.world_model_config),
+                   "finetune_overrides": (TrainWorldModelConfig, self.world_model_config)}
         for key, (cls, yaml_name) in stages.items():
             overrides = getattr(self, key)
+            if key == "finetune_overrides":  # applied after the rows' own, as the fine-tuned rows load them
+                overrides = [*self.world_model_overrides, *overrides]
             try:
                 load(cls, REPO_ROOT / "configs" / yaml_name, overrides)
             except ConfigError as exc:

@@ -4,6 +4,9 @@
         (a) gold only   (b) gold + synthetic   (b′) the same, true labels   (c) (b) + recognition weighting
     ─► evaluate each on the toy test set (rows in best_of_rows with best-of-N, N ∈ best_of) ─► table.md / .json / report
 
+Each row in one or two regimes (`regimes`): its world model trained from scratch, and/or LoRA-fine-tuned from one
+world model pretrained once on a broad toy gold set of scenes the table never uses (the paper's regime).
+
 Each stage is the same library call its job makes, configured from that job's YAML plus overrides, in
 one process and one Ray instance.
 
@@ -54,6 +57,31 @@ COLUMNS = ["toy_score", "toy_edit_success", "toy_minimal_edit", "idm_agreement",
 COMPARISONS = [("b", "a", "synthetic data helps"), ("b_oracle", "b", "label noise costs"),
                ("c", "b", "recognition weighting helps")]
 """(row, baseline, what a positive difference means): the table's claims, each judged against the seed spread."""
+FINETUNED = "ft_"
+"""Key prefix of a row's fine-tuned twin (`ft_b` is row (b) LoRA-fine-tuned from the pretrained world model)."""
+
+
+def row_key(regime: str, row: str) -> str:
+    return FINETUNED + row if regime == "finetuned" else row
+
+
+def row_name(key: str) -> str:
+    """A table row's label: the row's name, and `(fine-tuned)` for the fine-tuned regime."""
+    base = key.removeprefix(FINETUNED)
+    return ROW_NAMES[base] + (" (fine-tuned)" if key.startswith(FINETUNED) else "")
+
+
+def regime_of(key: str) -> str:
+    return "fine-tuned" if key.startswith(FINETUNED) else "from scratch"
+
+
+@dataclasses.dataclass
+class PretrainStage:
+    """The pretraining gold set (`make_pretraining_gold`): `num_train` triplets off the corpus's scenes."""
+
+    corpus: ToyCorpusConfig
+    output: str
+    num_train: int
 
 
 @dataclasses.dataclass
@@ -90,7 +118,7 @@ def reproduce(cfg: ReproduceConfig) -> dict[str, Any]:
     from cwm_ray.annotate import annotate
     from cwm_ray.evaluate.idm import evaluate_idm
     from cwm_ray.evaluate.pipeline import evaluate
-    from cwm_ray.toyworld.corpus import make_corpus, relabel_with_ground_truth
+    from cwm_ray.toyworld.corpus import make_corpus, make_pretraining_gold, relabel_with_ground_truth
     from cwm_ray.train import train
 
     t0 = time.perf_counter()
@@ -117,9 +145,11 @@ def reproduce(cfg: ReproduceConfig) -> dict[str, Any]:
         storage.write_json(record_path, entry | {"status": "started"})
         _log(f"{label} ...")
         t = time.perf_counter()
-        run(job_cfg)
+        result = run(job_cfg)
         timings[label] = round(time.perf_counter() - t, 1)
-        storage.write_json(record_path, entry | {"status": "done"})
+        # What the run returned (a training's summary: its loss history), for the table's training columns.
+        kept = {"result": result} if isinstance(result, dict) else {}
+        storage.write_json(record_path, entry | {"status": "done"} | kept)
         _log(f"{label}: {timings[label]} s")
         return fp
 
@@ -142,6 +172,21 @@ def reproduce(cfg: ReproduceConfig) -> dict[str, Any]:
     world_model_yaml = _yaml(cfg.world_model_config)
     backend = [f"world_model.backend="
                f"{load(TrainWorldModelConfig, world_model_yaml, cfg.world_model_overrides).world_model.backend}"]
+
+    pretrained = None
+    if "finetuned" in cfg.regimes:
+        # Once for every seed: a broad gold set of scenes the table never uses, and a world model trained on it.
+        pre_root = storage.join(root, "pretrain")
+        pre_gold = PretrainStage(corpus_cfg, storage.join(pre_root, "corpus"), cfg.pretrain_gold)
+        pre_gold_fp = stage("pretrain/corpus", "pretraining gold", pre_gold, [corpus_fp], [pre_gold.output],
+                            storage.join(pre_gold.output, "corpus.json"),
+                            lambda g: make_pretraining_gold(g.corpus, g.output, g.num_train))
+        pretrained = storage.join(pre_root, "world_model")
+        pretrained_fp = train_stage("pretrain/world_model", "pretrained world model", load(
+            TrainWorldModelConfig, world_model_yaml, [
+                f"data.sources=[{{uri: '{storage.join(pre_gold.output, 'gold', 'train.json')}'}}]",
+                f"train.storage_path={storage.join(pre_root, 'runs')}", "train.name=pretrained_world_model",
+                f"train.export={pretrained}", "optim.seed=0", *cfg.pretrain_overrides]), [pre_gold_fp])
 
     per_seed: dict[int, dict[str, Any]] = {}
     for seed in range(cfg.seeds):
@@ -171,33 +216,60 @@ def reproduce(cfg: ReproduceConfig) -> dict[str, Any]:
         synthetic = {"idm": (triplets, annotate_fp), "oracle": (oracle.output, oracle_fp)}
 
         results: dict[str, dict[str, Any]] = {}
-        for row, (kind, weighted) in ROWS.items():
-            wm, out = storage.join(models, f"world_model_{row}"), storage.join(base, "eval", row)
-            sources, inputs = f"[{{uri: '{gold}'}}]", [corpus_fp]
-            if kind is not None:
-                uri, fp = synthetic[kind]
-                sources = f"[{{uri: '{gold}'}}, {{uri: '{uri}', weight: {cfg.synthetic_weight}}}]"
-                inputs = [corpus_fp, fp]
-            wm_fp = train_stage(f"seed{seed}/world_model_{row}", f"{tag}world model {ROW_NAMES[row]}", load(
-                TrainWorldModelConfig, world_model_yaml, [
+        training: dict[str, dict[str, Any]] = {}
+        for regime in cfg.regimes:
+            for row, (kind, weighted) in ROWS.items():
+                key = row_key(regime, row)
+                where = "" if regime == "scratch" else "finetuned/"
+                wm, out = storage.join(models, f"{where}world_model_{row}"), storage.join(base, f"eval/{where}{row}")
+                sources, inputs = f"[{{uri: '{gold}'}}]", [corpus_fp]
+                if kind is not None:
+                    uri, fp = synthetic[kind]
+                    sources = f"[{{uri: '{gold}'}}, {{uri: '{uri}', weight: {cfg.synthetic_weight}}}]"
+                    inputs = [corpus_fp, fp]
+                start: list[str] = []
+                if regime == "finetuned":
+                    start = [f"world_model.model={pretrained}", *cfg.finetune_overrides]
+                    inputs = [*inputs, pretrained_fp]
+                wm_cfg = load(TrainWorldModelConfig, world_model_yaml, [
                     f"data.sources={sources}", f"recognition.enabled={str(weighted).lower()}",
-                    f"train.storage_path={runs}", f"train.name=world_model_{row}", f"train.export={wm}",
-                    f"optim.seed={seed}", *cfg.world_model_overrides]), inputs)
-            best_of = cfg.best_of if row in cfg.best_of_rows else [1]
-            eval_cfg = load(EvaluateConfig, _yaml("evaluate.yaml"), [
-                f"bench={test}", f"world_model.model={wm}", f"idm.model={idm}",
-                f"best_of=[{','.join(str(n) for n in best_of)}]", f"output={out}", f"seed={seed}", *backend,
-                *cfg.evaluate_overrides])
-            stage(f"seed{seed}/evaluate_{row}", f"{tag}evaluate {ROW_NAMES[row]}", eval_cfg,
-                  [corpus_fp, idm_fp, wm_fp], [eval_cfg.output], storage.join(out, "results.json"), evaluate)
-            results[row] = storage.read_json(storage.join(out, "results.json"))["summary"]
+                    f"train.storage_path={runs}", f"train.name=world_model_{key}", f"train.export={wm}",
+                    f"optim.seed={seed}", *cfg.world_model_overrides, *start])
+                wm_key = f"seed{seed}/world_model_{key}"
+                wm_fp = train_stage(wm_key, f"{tag}world model {row_name(key)}", wm_cfg, inputs)
+                training[key] = _training_record(storage.join(root, "stages", f"{wm_key}.json"))
+                # A LoRA row's export is its adapter: evaluation loads it over the model it was trained from.
+                model = ([f"world_model.model={wm_cfg.world_model.model}", f"world_model.adapter={wm}"]
+                         if wm_cfg.world_model.lora.enabled else [f"world_model.model={wm}"])
+                best_of = cfg.best_of if row in cfg.best_of_rows else [1]
+                eval_cfg = load(EvaluateConfig, _yaml("evaluate.yaml"), [
+                    f"bench={test}", *model, f"idm.model={idm}",
+                    f"best_of=[{','.join(str(n) for n in best_of)}]", f"output={out}", f"seed={seed}", *backend,
+                    *cfg.evaluate_overrides])
+                stage(f"seed{seed}/evaluate_{key}", f"{tag}evaluate {row_name(key)}", eval_cfg,
+                      [corpus_fp, idm_fp, wm_fp], [eval_cfg.output], storage.join(out, "results.json"), evaluate)
+                results[key] = storage.read_json(storage.join(out, "results.json"))["summary"]
         idm_result = storage.read_json(storage.join(idm_eval.output, "results.json"))
-        per_seed[seed] = {"rows": results, "idm_explains": idm_result.get("explains")}
+        per_seed[seed] = {"rows": results, "idm_explains": idm_result.get("explains"), "training": training}
 
     table = build_table(per_seed)
-    table |= {"seconds": round(time.perf_counter() - t0, 1), "stage_seconds": timings}
+    table |= {"seconds": round(time.perf_counter() - t0, 1), "stage_seconds": timings, "regimes": list(cfg.regimes),
+              "training": {str(seed): s["training"] for seed, s in per_seed.items()}}
+    if pretrained is not None:
+        table["pretrained"] = {"export": pretrained, "gold": cfg.pretrain_gold,
+                               **_training_record(storage.join(root, "stages", "pretrain/world_model.json"))}
     write_table(root, table)
     return table
+
+
+def _training_record(record_path: str) -> dict[str, Any]:
+    """A training stage's first and last logged loss and its steps (from its stage record), for the table: the
+    first says where a run started (a fine-tuned row from the pretrained model, below a fresh one)."""
+    result = (storage.read_json(record_path) if storage.exists(record_path) else {}).get("result") or {}
+    history = result.get("history") or []
+    return {"steps": result.get("steps"), "first_loss": history[0].get("loss") if history else None,
+            "first_loss_step": history[0].get("step") if history else None,
+            "last_loss": history[-1].get("loss") if history else None}
 
 
 def _mean_spread(values: Sequence[float | None]) -> tuple[float | None, float | None]:
@@ -221,15 +293,16 @@ def build_table(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
     for seed, seed_result in per_seed.items():
         for row, summary in seed_result["rows"].items():
             for r in summary["overall"]:
-                if r["system"] == "copy" and row != "a":
-                    continue
+                if r["system"] == "copy" and row != next(iter(seed_result["rows"])):
+                    continue  # the same for every row: taken once
                 key = ("copy", 1) if r["system"] == "copy" else (row, int(r["best_of"]))
                 keyed.setdefault(key, []).append((seed, r))
     rows = []
     for (row, n), pairs_found in keyed.items():
         found = [r for _, r in pairs_found]
-        name = "copy the source" if row == "copy" else ROW_NAMES[row] + (f" + best-of-{n}" if n > 1 else "")
-        entry: dict[str, Any] = {"row": name, "key": row, "best_of": n, "items": found[0]["items"],
+        name = "copy the source" if row == "copy" else row_name(row) + (f" + best-of-{n}" if n > 1 else "")
+        entry: dict[str, Any] = {"row": name, "key": row, "regime": None if row == "copy" else regime_of(row),
+                                 "best_of": n, "items": found[0]["items"],
                                  "seeds": len(found), "seed_ids": [seed for seed, _ in pairs_found]}
         for c in COLUMNS:
             values = [r.get(c) for r in found]
@@ -241,11 +314,16 @@ def build_table(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
     def find(row: str, n: int = 1) -> dict[str, Any] | None:
         return next((r for r in rows if r["key"] == row and r["best_of"] == n), None)
 
-    pairs = [(find(a), find(b), claim) for a, b, claim in COMPARISONS]
-    for key in ROWS:
-        ns = sorted({r["best_of"] for r in rows if r["key"] == key})
-        pairs += [(find(key, n), find(key, m), f"{ROW_NAMES[key].split()[0]} best-of-{n} beats best-of-{m}")
-                  for m, n in zip(ns, ns[1:], strict=False)]
+    pairs = []
+    for prefix, suffix in (("", ""), (FINETUNED, " (fine-tuned)")):
+        pairs += [(find(prefix + a), find(prefix + b), claim + suffix) for a, b, claim in COMPARISONS]
+        for key in ROWS:
+            ns = sorted({r["best_of"] for r in rows if r["key"] == prefix + key})
+            pairs += [(find(prefix + key, n), find(prefix + key, m),
+                       f"{ROW_NAMES[key].split()[0]} best-of-{n} beats best-of-{m}{suffix}")
+                      for m, n in zip(ns, ns[1:], strict=False)]
+    pairs += [(find(FINETUNED + key), find(key), f"fine-tuning the pretrained model beats training from scratch: "
+                                                 f"{ROW_NAMES[key].split()[0]}") for key in ROWS]
     comparisons = [compare(x, y, claim) for x, y, claim in pairs if x is not None and y is not None]
     idm = _mean_spread([s["idm_explains"] for s in per_seed.values()])
     return {"rows": rows, "columns": COLUMNS, "seeds": len(per_seed), "comparisons": comparisons,
@@ -300,6 +378,16 @@ def markdown(table: dict[str, Any]) -> str:
         spread = table.get("idm_explains_spread")
         lines.append(f"IDM on the held-out gold pairs: "
                      f"{_cell(100 * table['idm_explains'], None if spread is None else 100 * spread)} % explained.")
+    pre = table.get("pretrained")
+    if pre:
+        first = {regime: [t["first_loss"] for seed in table.get("training", {}).values() for k, t in seed.items()
+                          if regime_of(k) == regime and t.get("first_loss") is not None]
+                 for regime in ("fine-tuned", "from scratch")}
+        started = "; ".join(f"{regime} {sum(v) / len(v):.3f}" for regime, v in first.items() if v)
+        lines.append(f"Fine-tuned rows: LoRA on one world model pretrained on {pre['gold']} gold triplets of scenes "
+                     f"the table never uses ({pre.get('steps')} steps, last logged loss "
+                     f"{pre['last_loss'] if pre.get('last_loss') is None else round(pre['last_loss'], 3)})."
+                     + (f" First logged training loss, mean over rows: {started}." if started else ""))
     for c in table.get("comparisons", []):
         if c["difference"] is None:
             continue
@@ -318,8 +406,10 @@ def write_table(root: str, table: dict[str, Any]) -> None:
     from cwm_ray.evaluate.table_plot import plot_table
 
     plot_table(table, storage.join(root, "table.png"))
-    links = "".join(f'<li><a href="../seeds/{s}/eval/{r}/report/index.html">seed {s}, row {html.escape(ROW_NAMES[r])}'
-                    f"</a></li>" for s in range(table.get("seeds", 1)) for r in ROWS)
+    keys = [r["key"] for r in table["rows"] if r["key"] != "copy" and r["best_of"] == 1]
+    links = "".join(f'<li><a href="../seeds/{s}/eval/{"finetuned/" if k.startswith(FINETUNED) else ""}'
+                    f'{k.removeprefix(FINETUNED)}/report/index.html">seed {s}, row {html.escape(row_name(k))}</a></li>'
+                    for s in range(table.get("seeds", 1)) for k in keys)
     body = "".join(f"<tr><td>{html.escape(r['row'])}</td><td>{r['items']}</td>" + "".join(
         f"<td>{_cell(r[c], r.get(f'{c}_spread'))}</td>" for c in table["columns"]) + "</tr>"
         for r in table["rows"])

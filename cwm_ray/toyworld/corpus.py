@@ -11,6 +11,7 @@ Everything is a pure function of the seed.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import random
 import time
@@ -129,6 +130,41 @@ def _write_gold(
     storage.write_json(storage.join(gold, f"{split}.json"), rows, cfg.storage)
 
 
+def gold_sets(cfg: ToyCorpusConfig) -> tuple[list[tuple[Scene, Action, Scene]], list[tuple[Scene, Action, Scene]]]:
+    """The corpus's gold (train, test) triplets, from its seed: the test scenes are none of the training ones."""
+    train = list(gold_triplets(random.Random(f"{cfg.seed}/train"), cfg.world, cfg.num_train, set(),
+                               cfg.train_kind_weights))
+    seen = {t[0] for t in train}
+    return train, list(gold_triplets(random.Random(f"{cfg.seed}/test"), cfg.world, cfg.num_test, seen))
+
+
+def make_pretraining_gold(cfg: ToyCorpusConfig, output: str, num_train: int) -> dict[str, Any]:
+    """A broad gold set to pretrain a toy world model on: `num_train` triplets, every action kind equally likely,
+    on scenes that neither the gold training set nor the test set of the corpus `cfg` describes uses. Written as
+    `output`/gold/train.json (AURORA's layout, like the corpus's own gold); returns the summary also written to
+    `output`/corpus.json.
+
+    Why: the paper LoRA-fine-tunes a world model that can already copy and render scenes. A model pretrained on
+    the table's own test scenes would be judged on what it memorised, so those scenes (regenerated from the
+    corpus's seed, not read back) are kept out, and so are the gold training scenes: fine-tuning then brings the
+    table's gold as new data, as it does in the paper.
+    """
+    t0 = time.perf_counter()
+    storage.configure(cfg.storage)
+    train, test = gold_sets(cfg)
+    avoid = {t[0] for t in train} | {t[0] for t in test}
+    triplets = list(gold_triplets(random.Random(f"{cfg.seed}/pretrain"), cfg.world, num_train, avoid))
+    with ThreadPoolExecutor(8) as pool:
+        _write_gold(dataclasses.replace(cfg, output=output), "train", triplets, pool)
+    kinds: dict[str, int] = {}
+    for _, action, _ in triplets:
+        kinds[action.kind] = kinds.get(action.kind, 0) + 1
+    summary = {"output": output, "gold_train": len(triplets), "kinds": kinds, "scenes_avoided": len(avoid),
+               "corpus_seed": cfg.seed, "seconds": round(time.perf_counter() - t0, 1)}
+    storage.write_json(storage.join(output, "corpus.json"), summary, cfg.storage)
+    return summary
+
+
 def make_corpus(cfg: ToyCorpusConfig) -> dict[str, Any]:
     """Write the whole toy corpus; returns the summary also written to corpus.json."""
     check_kind_weights(cfg.train_kind_weights)  # a bad weight stops the job before any video is written
@@ -146,10 +182,7 @@ def make_corpus(cfg: ToyCorpusConfig) -> dict[str, Any]:
             "video": f"videos/{name}.mp4", "fps": cfg.world.fps, "num_frames": len(frames),
             "size": cfg.world.image_size, "segments": segments}, cfg.storage)
         num_frames += len(frames)
-    train = list(gold_triplets(random.Random(f"{cfg.seed}/train"), cfg.world, cfg.num_train, set(),
-                               cfg.train_kind_weights))
-    seen = {t[0] for t in train}
-    test = list(gold_triplets(random.Random(f"{cfg.seed}/test"), cfg.world, cfg.num_test, seen))
+    train, test = gold_sets(cfg)
     _write_gold(cfg, "train", train, pool)
     _write_gold(cfg, "test", test, pool)
     pool.shutdown()

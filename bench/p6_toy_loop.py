@@ -1,4 +1,5 @@
-"""P6: wall time of `jobs/reproduce.py` end to end, one seed (corpus → IDM → annotation → 4 world models → evaluation).
+"""P6: wall time of `jobs/reproduce.py` end to end, one seed (corpus → IDM → annotation → 4 world models per
+regime, the fine-tuned regime's pretraining included → evaluation).
 
     .venv/bin/python bench/p6_toy_loop.py            # the full default run, one seed, under 30 minutes on 2 cores
     .venv/bin/python bench/p6_toy_loop.py --quick    # the same stages at toy-of-toy sizes (a few minutes)
@@ -24,7 +25,8 @@ DEFAULTS: dict[str, Any] = {"goal_s": 1800.0, "overrides": "", "quick": False}
 QUICK = ["corpus_overrides=[num_videos=6,num_train=200,num_test=40]",
          "idm_overrides=[optim.max_steps=30,train.checkpoint_every=0,train.eval_every=0]",
          "world_model_overrides=[optim.max_steps=20,train.checkpoint_every=0,train.eval_every=0]",
-         "evaluate_overrides=[max_items=2]", "best_of=[1,2]"]
+         "evaluate_overrides=[max_items=2]", "best_of=[1,2]", "pretrain_gold=200",
+         "pretrain_overrides=[optim.max_steps=20,train.checkpoint_every=0,train.eval_every=0]"]
 
 
 def run(args: dict[str, Any]) -> dict[str, Any]:

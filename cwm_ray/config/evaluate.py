@@ -144,13 +144,13 @@ class EvaluateIDMConfig:
 
 
 REPRODUCE_ROWS = ("a", "b", "b_oracle", "c")
+"""The table's rows, as `best_of_rows` names them (`ROWS` in cwm_ray/evaluate/reproduce.py says what each trains on;
+this module cannot import the evaluate package)."""
 REPRODUCE_REGIMES = ("scratch", "finetuned")
 PAPER_FINETUNE = ("world_model.lora.enabled=true", "world_model.lora.r=16", "world_model.lora.alpha=32",
                   "optim.lr=5e-4", "optim.warmup_steps=20", "optim.global_batch_size=32", "optim.max_steps=null",
                   "optim.epochs=10")
 """`ReproduceConfig.finetune_overrides`' default: the paper's fine-tuning recipe (PAPER.md), at the toy's batch."""
-"""The table's rows, as `best_of_rows` names them (`ROWS` in cwm_ray/evaluate/reproduce.py says what each trains on;
-this module cannot import the evaluate package)."""
 
 
 @dataclass

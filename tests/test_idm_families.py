@@ -28,7 +28,6 @@ import random
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +35,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
+from profile_jobs import run_job
 from transformers import AutoModelForImageTextToText
 
 from cwm_ray.config import AnnotateConfig, ConfigError, IDMConfig, LoRAConfig, ToyCorpusConfig, ToyWorldConfig, load
@@ -365,14 +365,8 @@ def mixed_videos(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def _job(script: str, *args: str, timeout: int = 420) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1")
-    env.pop("RAY_ADDRESS", None)
-    root = f"root={tempfile.gettempdir()}/cwm_test_root"  # not the profile's placeholder; every path used is given
-    proc = subprocess.run([sys.executable, f"jobs/{script}", "--config", str(PROFILE), root, *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{script} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return proc
+def _job(script: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return run_job(PROFILE, script, *args, timeout=420)
 
 
 @pytest.mark.parametrize("name", CLI_FAMILIES)

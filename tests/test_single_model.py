@@ -12,15 +12,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import os
 import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from profile_jobs import run_job
 from safetensors import safe_open
 
 from cwm_ray.config import EvaluateConfig, IDMConfig, ToyCorpusConfig, load, to_dict
@@ -36,13 +34,7 @@ ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors"}
 
 
 def _job(script: str, *args: str) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1")
-    env.pop("RAY_ADDRESS", None)
-    root = f"root={tempfile.gettempdir()}/cwm_test_root"  # not the profile's placeholder; every path used is given
-    proc = subprocess.run([sys.executable, f"jobs/{script}", "--config", str(PROFILE), root, *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"{script} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return proc
+    return run_job(PROFILE, script, *args)
 
 
 def _verifier(pipeline: dict[str, Path]) -> InverseDynamicsModel:

@@ -18,9 +18,9 @@ def test_reduced_reproduce_end_to_end(tmp_path: Path) -> None:
     """configs/reproduce.yaml's table in miniature through the CLI, both regimes: every row from scratch and every
     row LoRA-fine-tuned from the pretrained world model (issue 36), then a re-run that only rebuilds the table."""
     out = tmp_path / "repro"
-    # Each of the ten trainings on one Ray Train worker with the global batch of two (16): the table's stages are
-    # under test here, not data parallelism (tests/test_train.py trains on two), and a second worker costs each
-    # training about 15 s of CPU.
+    # Each of the ten trainings on one Ray Train worker, at the global batch two workers had (16): the table's
+    # stages are under test here, not data parallelism (tests/test_train.py trains on two), and a second worker
+    # costs each training about 15 s of CPU.
     one = "scaling.num_workers=1,scaling.cpus_per_worker=1,optim.batch_size=16"
     args = [
         f"output={out}", "best_of=[1,2]",

@@ -1,7 +1,7 @@
 """P6: wall time of `jobs/reproduce.py` end to end, one seed (corpus → IDM → annotation → 4 world models per
 regime, the fine-tuned regime's pretraining included → evaluation).
 
-    .venv/bin/python bench/p6_toy_loop.py            # the full default run, one seed, under 30 minutes on 2 cores
+    .venv/bin/python bench/p6_toy_loop.py            # the full default run, one seed (goal: 30 minutes on 2 cores)
     .venv/bin/python bench/p6_toy_loop.py --quick    # the same stages at toy-of-toy sizes (a few minutes)
 
 Runs the job as a subprocess (as a user would, Ray start-up included) into a fresh output directory with

@@ -313,8 +313,8 @@ def test_resume_after_the_job_process_is_killed_halfway(first_run: tuple[dict, P
     # Staging files trickle: one video decoded at a time and two rows a model batch, so the files after the first
     # are seconds away when the kill lands. With recognition's batch of 8 the last two files once came in the
     # same 0.1 s as the first, every video was finished when the kill landed, and nothing was left to resume.
-    cfg_args = [a for a in _args(assets, str(killed))] + ["idm_stage.batch_size=2", "recognition_stage.batch_size=2",
-                                                            "decode.concurrency=1"]
+    cfg_args = _args(assets, str(killed), None, "idm_stage.batch_size=2", "recognition_stage.batch_size=2",
+                     "decode.concurrency=1")
     proc = subprocess.Popen([sys.executable, str(REPO / "jobs" / "annotate.py"), *cfg_args], cwd=REPO,
                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

@@ -34,7 +34,6 @@ import ray.train
 import torch
 from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
-from transformers import get_scheduler
 
 from cwm_ray import storage, tracking
 from cwm_ray.config import TrainIDMConfig, TrainWorldModelConfig, accumulation_steps, to_dict
@@ -323,7 +322,14 @@ def build_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch
 
 
 def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer) -> Any:
-    """`optim.warmup_steps` of linear warm-up, then `optim.schedule`, over `optim.max_steps`."""
+    """`optim.warmup_steps` of linear warm-up, then `optim.schedule`, over `optim.max_steps`.
+
+    transformers is imported here, on the worker, not with this module: its optimization module imports peft and
+    the modeling code (2.4 s of CPU), which the driver and Ray Train's controller, which also import this module
+    (the controller unpickles `train_func`), never use.
+    """
+    from transformers import get_scheduler
+
     return get_scheduler(SCHEDULES[cfg.optim.schedule], optimizer, num_warmup_steps=cfg.optim.warmup_steps,
                          num_training_steps=cfg.optim.max_steps)
 

@@ -44,7 +44,7 @@ from transformers import (
 from cwm_ray import storage
 from cwm_ray.builtin_models import builtin_model, is_builtin
 from cwm_ray.config import TRANSFORMERS_LORA_TARGETS, ConfigError, IDMConfig, LoRAConfig
-from cwm_ray.lora import lora_targets, target_regex
+from cwm_ray.lora import lora_targets, missing_modules, target_regex
 from cwm_ray.schema import decode_image
 from cwm_ray.world_model import DTYPES, resolve_device
 
@@ -287,8 +287,8 @@ class InverseDynamicsModel:
         """The module a training loop optimises: `forward(**collate(batch))` → mean answer-token cross-entropy.
 
         With `lora.enabled` the language model gets peft LoRA adapters (the paper: r=16, alpha=32) and only
-        they train; otherwise every weight trains. `self.model` becomes the trained model, so `label`,
-        `score` and `save` see the training as it goes.
+        they train, with the modules of `lora.modules_to_save` trained whole beside them; otherwise every weight
+        trains. `self.model` becomes the trained model, so `label`, `score` and `save` see the training as it goes.
         """
         lora = self.cfg.lora if lora is None else lora
         if lora.enabled:
@@ -296,9 +296,10 @@ class InverseDynamicsModel:
                 self.model = get_peft_model(self.model, LoraConfig(
                     r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                     target_modules=_language_model_targets(self.model, lora.target_modules),
+                    modules_to_save=_modules_to_save(self.model, lora.modules_to_save),
                 ))
             for name, param in self.model.named_parameters():  # also resumes a loaded (frozen) adapter
-                param.requires_grad_("lora_" in name)
+                param.requires_grad_("lora_" in name or ".modules_to_save." in name)
         else:
             if isinstance(self.model, PeftModel):
                 self.model = self.model.merge_and_unload()
@@ -463,10 +464,33 @@ def _language_model_targets(model: PreTrainedModel, names: Sequence[str]) -> str
     return names if prefix is None else target_regex(prefix, names)
 
 
+def _modules_to_save(model: PreTrainedModel, names: Sequence[str]) -> list[str] | None:
+    """`idm.lora.modules_to_save`, each checked to name a module (peft would silently train nothing for a typo)."""
+    missing = missing_modules(model, names)
+    if missing:
+        present = [n for n, _ in model.named_modules() if n]
+        top = sorted({n.split(".")[0] for n in present} | {".".join(n.split(".")[:2]) for n in present if "." in n})
+        raise ConfigError(f"idm.lora.modules_to_save: {type(model).__name__} has no module named "
+                          f"{', '.join(missing)} (its top-level modules: {', '.join(top[:16])})")
+    return list(names) or None
+
+
 def _merged_state_dict(model: PeftModel) -> dict[str, torch.Tensor]:
-    """The base model's state dict with each LoRA delta folded in, leaving the live model untouched."""
+    """The base model's state dict with each LoRA delta folded in and each module of `modules_to_save` replaced by
+    its trained copy, leaving the live model untouched."""
     base = model.get_base_model()
-    state = {k.replace(".base_layer.", "."): v for k, v in base.state_dict().items() if "lora_" not in k}
+    adapter = model.active_adapter
+    state: dict[str, torch.Tensor] = {}
+    for k, v in base.state_dict().items():
+        if "lora_" in k or ".original_module." in k:
+            continue
+        if ".modules_to_save." in k:  # `<module>.modules_to_save.<adapter>.<rest>`: the trained copy
+            head, _, tail = k.partition(".modules_to_save.")
+            name, _, rest = tail.partition(".")
+            if name != adapter:
+                continue
+            k = f"{head}.{rest}"
+        state[k.replace(".base_layer.", ".")] = v
     for name, module in base.named_modules():
         if isinstance(module, LoraLayer) and not module.merged:
             weight = module.get_base_layer().weight

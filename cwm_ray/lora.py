@@ -23,8 +23,7 @@ def lora_targets(module: nn.Module, names: Sequence[str], default: Sequence[str]
     `setting` the config key to fix ("idm.lora.target_modules").
     """
     wanted = list(names) or list(default)
-    present = {name for name, _ in module.named_modules() if name}
-    missing = [t for t in wanted if not any(n == t or n.endswith("." + t) for n in present)]
+    missing = missing_modules(module, wanted)
     if missing:
         # Named as target_modules takes them: the attribute name, with a Sequential's index kept ("to_out.0").
         linear = sorted({".".join(n.split(".")[-2:]) if n.rsplit(".", 1)[-1].isdigit() else n.rsplit(".", 1)[-1]
@@ -34,6 +33,12 @@ def lora_targets(module: nn.Module, names: Sequence[str], default: Sequence[str]
             f"{setting}: {family} has no module named {', '.join(missing)} ({hint}). Leave {setting} empty "
             f"for the family's usual targets ({', '.join(default)}), or name modules it has.")
     return wanted
+
+
+def missing_modules(module: nn.Module, names: Sequence[str]) -> list[str]:
+    """The `names` that name no module inside `module`, by full path or its tail (peft's matching)."""
+    present = {name for name, _ in module.named_modules() if name}
+    return [t for t in names if not any(n == t or n.endswith("." + t) for n in present)]
 
 
 def target_regex(prefix: str, names: Sequence[str]) -> str:

@@ -80,6 +80,8 @@ def model_info(cfg: TrainConfig) -> dict[str, Any]:
         if m.backend == "diffusion":
             layout["train_text_encoder"] = m.train_text_encoder and not m.lora.enabled
     layout["lora"] = {"r": m.lora.r, "target_modules": sorted(m.lora.target_modules)} if m.lora.enabled else None
+    if m.lora.enabled and m.lora.modules_to_save:  # only when set, so existing runs keep their fingerprint
+        layout["lora"]["modules_to_save"] = sorted(m.lora.modules_to_save)
     fingerprint = hashlib.sha256(json.dumps(layout, sort_keys=True).encode()).hexdigest()[:16]
     return {"kind": kind, "backend": backend, "fingerprint": fingerprint, "layout": layout}
 

@@ -333,6 +333,55 @@ def test_full_and_lora_fine_tuning_round_trip(tiny_dir: str, tmp_path: Path) -> 
     assert not torch.allclose(adapted.loss(batch), wm.loss(batch))
 
 
+def test_the_toy_janus_is_also_an_idm_whose_adapter_trains_the_understanding_path(tiny_dir: str,
+                                                                                 tmp_path: Path) -> None:
+    """Issue 36, item 2: one toy Janus as world model and IDM. A full fine-tune's export keeps the checkpoint's
+    JanusProcessor, so it loads as an IDM (its tubelet SigLIP reads the pair as one image). The world model's
+    training leaves that understanding path frozen, so the IDM adapter trains it whole beside LoRA on the Llama
+    (`idm.lora.modules_to_save`), and both exports (the adapter alone, and merged) reload with the trained scores."""
+    from cwm_ray.config import ConfigError, IDMConfig
+    from cwm_ray.idm import InverseDynamicsModel
+
+    wm = _load(tiny_dir)
+    wm.training_module()
+    assert not any(p.requires_grad for p in wm.model.model.vision_model.parameters())
+    wm.save(str(tmp_path / "ft"))
+    assert (tmp_path / "ft" / "processor_config.json").exists()
+    cfg = IDMConfig(model=str(tmp_path / "ft"), image_size=64, device="cpu", lora_export="adapter")
+    idm = InverseDynamicsModel.load(cfg)
+    assert type(idm.processor).__name__ == "JanusProcessor" and idm.tubelet
+    assert idm.prompt == "<image_placeholder>what action turns the first image into the second ?"
+    sources, targets = _images(3, 0), _images(3, 1)
+    before = idm.score_batch(sources, targets, ACTIONS)
+    saved = ["model.vision_model", "model.aligner", "lm_head"]
+    module = idm.training_module(LoRAConfig(enabled=True, r=4, alpha=8, modules_to_save=saved))
+    trainable = [n for n, p in module.named_parameters() if p.requires_grad]
+    assert all(("lora_" in n and ".language_model." in n) or ".modules_to_save." in n for n in trainable), trainable
+    assert {m for m in saved if any(f"{m}.modules_to_save." in n for n in trainable)} == set(saved)
+    opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        module(**idm.collate(_batch())).backward()
+        opt.step()
+        opt.zero_grad()
+    trained = idm.score_batch(sources, targets, ACTIONS)
+    assert np.abs(trained - before).max() > 0.1
+    idm.save(str(tmp_path / "adapter"))
+    assert not (tmp_path / "adapter" / "config.json").exists()
+    reloaded = InverseDynamicsModel.load(IDMConfig(model=str(tmp_path / "ft"), adapter=str(tmp_path / "adapter"),
+                                                   image_size=64, device="cpu"))
+    np.testing.assert_allclose(reloaded.score_batch(sources, targets, ACTIONS), trained, rtol=1e-5, atol=1e-5)
+    idm.cfg.lora_export = "merged"
+    idm.save(str(tmp_path / "merged"))
+    merged = InverseDynamicsModel.load(IDMConfig(model=str(tmp_path / "merged"), image_size=64, device="cpu"))
+    np.testing.assert_allclose(merged.score_batch(sources, targets, ACTIONS), trained, rtol=1e-4, atol=1e-4)
+
+    with pytest.raises(ConfigError, match="modules_to_save: JanusForConditionalGeneration has no module named "
+                                          "model.vision_tower"):
+        InverseDynamicsModel.load(cfg).training_module(LoRAConfig(enabled=True, modules_to_save=["model.vision_tower"]))
+    with pytest.raises(ConfigError, match="world_model.lora.modules_to_save"):
+        WorldModelConfig(backend="token", lora=LoRAConfig(enabled=True, modules_to_save=["lm_head"]))
+
+
 def test_serve_app_with_the_token_backend(tiny_dir: str, tmp_path: Path) -> None:
     """The Serve app with `world_model.backend: token`: best-of-N over decoded token samples, and an action
     longer than the model's text span is cut (200), not a failure of the batch it shares."""

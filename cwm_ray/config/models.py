@@ -34,6 +34,11 @@ class LoRAConfig:
     """Module names to adapt; empty = the model family's usual targets (`cwm_ray.lora`): the attention
     projections q_proj/k_proj/v_proj/o_proj of a transformers language model (every IDM, Janus's Llama), and
     to_q/to_k/to_v/to_out.0 of a diffusers UNet (InstructPix2Pix). A name the model lacks is an error."""
+    modules_to_save: list[str] = field(default_factory=list)
+    """IDM only: modules trained whole beside the adapter and saved with it (peft's `modules_to_save`), named by
+    their path in the model or its tail ("model.aligner", "lm_head"). For a base whose understanding path was
+    never trained, as the toy Janus that is pretrained only as a world model: LoRA can adapt what a module
+    computes, not teach a random one to see."""
 
 
 IDM_LORA_EXPORTS = ("merged", "adapter")
@@ -166,3 +171,8 @@ class WorldModelConfig:
     def __post_init__(self) -> None:
         check_choice("world_model.backend", self.backend, WORLD_MODEL_BACKENDS)
         check_choice("world_model.dtype", self.dtype, DTYPE_NAMES)
+        if self.lora.modules_to_save:
+            raise ConfigError(f"world_model.lora.modules_to_save={self.lora.modules_to_save}: only the IDM trains "
+                              "whole modules beside its adapter; a world model's LoRA adapts its attention "
+                              "projections (world_model.lora.target_modules), or set world_model.lora.enabled=false "
+                              "to train every weight")

@@ -368,11 +368,12 @@ def _construct_toy_decoder(vq: nn.Module, kinds: Sequence[tuple[str, str]], grid
 def toy_components(resolution: int = 64, seed: int = 0, hidden_size: int = 128, num_layers: int = 4,
                    num_heads: int = 4, rope_theta: float = 10000.0,
                    copy_logit: float = 0.0, source_fusion: float = 1.0) -> dict[str, Any]:
-    """A fresh tiny Janus (Llama LM, constructed VQ-VAE, a one-layer SigLIP it never uses) + word tokenizer."""
+    """A fresh tiny Janus (Llama LM, constructed VQ-VAE, a tubelet SigLIP for the understanding path) + word
+    tokenizer + the `JanusProcessor` that path reads images with (`_understanding_path`)."""
     if resolution % _TOY_CELL or not 2 * _TOY_CELL <= resolution <= 8 * _TOY_CELL:
         raise ValueError(f"the toy token model needs a resolution that is a multiple of {_TOY_CELL}, {2 * _TOY_CELL} "
                          f"to {8 * _TOY_CELL} (its decoder counts at most 8 tokens to the edge); got {resolution}")
-    tokenizer = build_word_tokenizer([BOI, EOI, IMAGE])
+    tokenizer = build_word_tokenizer(named={"boi_token": BOI, "eoi_token": EOI, "image_token": IMAGE})
     grid = resolution // _TOY_CELL
     text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
                        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_heads,
@@ -392,7 +393,47 @@ def toy_components(resolution: int = 64, seed: int = 0, hidden_size: int = 128, 
         model = JanusForConditionalGeneration(config)
     _construct_toy_vq(model.model.vqmodel, resolution)
     _balance_image_embeddings(model)
-    return {"model": model.eval(), "tokenizer": tokenizer}
+    processor = _understanding_path(model, tokenizer, resolution, hidden_size, seed)
+    return {"model": model.eval(), "tokenizer": tokenizer, "processor": processor}
+
+
+UNDERSTANDING_REACH = 2
+"""The toy Janus's SigLIP sees each cell's cross of cells up to 2 away, before and after, as the toy IDM's CLIP."""
+
+
+def _understanding_path(model: JanusForConditionalGeneration, tokenizer: Any, resolution: int, hidden_size: int,
+                        seed: int) -> Any:
+    """Give the toy Janus an understanding path an IDM adapter can train (the paper's single-model setting), and
+    return the `JanusProcessor` that feeds it.
+
+    Janus reads images for text through SigLIP + an aligner, apart from the VQ path the world model uses. The
+    toy's are built as the toy IDM's CLIP is (`cwm_ray.toyworld.idm_model`): patch 8 (one toy cell a token) and
+    a tubelet of 6·(1 + 4r) channels, so each token sees its cell before and after and the cells around it
+    (`cwm_ray.idm.patch_neighbourhood`), at the language model's width; pixels centred on the board's colour.
+    They are built after the rest of the model, under their own seed, so the world model's initialisation is
+    the one every earlier measurement used; the world model's training leaves them frozen (`trainable`), so
+    only an IDM adapter trains them (`idm.lora.modules_to_save`).
+    """
+    from PIL import Image
+    from transformers import JanusImageProcessor, JanusProcessor, JanusVisionConfig
+    from transformers.models.janus.modeling_janus import JanusVisionAlignerMLP, JanusVisionModel
+
+    grid = resolution // _TOY_CELL
+    vision = JanusVisionConfig(hidden_size=hidden_size, num_hidden_layers=1, num_attention_heads=4, mlp_ratio=4.0,
+                               num_channels=6 * (1 + 4 * UNDERSTANDING_REACH), patch_size=_TOY_CELL,
+                               image_size=resolution, projection_dim=model.config.text_config.hidden_size, depth=2,
+                               num_image_tokens=grid * grid)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed + 1)
+        model.model.vision_model = JanusVisionModel(vision)
+        model.model.aligner = JanusVisionAlignerMLP(vision)
+    model.config.vision_config = vision
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        setattr(model.generation_config, key, getattr(tokenizer, key))
+    image_processor = JanusImageProcessor(
+        size={"height": resolution, "width": resolution}, resample=Image.Resampling.NEAREST,
+        image_mean=[c / 255 for c in BACKGROUND], image_std=[0.25] * 3)
+    return JanusProcessor(image_processor=image_processor, tokenizer=tokenizer, num_image_tokens=grid * grid)
 
 
 @torch.no_grad()

@@ -21,15 +21,23 @@ WORDS = sorted(
 )
 
 
-def build_word_tokenizer(extra_tokens: list[str] | None = None) -> PreTrainedTokenizerFast:
-    """Specials, the toy words, then `extra_tokens` (e.g. an image placeholder) as special tokens."""
-    extra = list(extra_tokens or [])
+def build_word_tokenizer(extra_tokens: list[str] | None = None,
+                         named: dict[str, str] | None = None) -> PreTrainedTokenizerFast:
+    """Specials, the toy words, then `extra_tokens` (e.g. an image placeholder) as special tokens.
+
+    `named` instead gives each extra token the attribute a processor reads (Janus's processor reads
+    `tokenizer.image_token`, `boi_token`, `eoi_token`); the vocabulary is the same.
+    """
+    extra = list(extra_tokens or []) + [t for t in (named or {}).values() if t not in (extra_tokens or [])]
     vocab = {tok: i for i, tok in enumerate(SPECIALS + WORDS + extra)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    specials = {"extra_special_tokens": named} if named else {"additional_special_tokens": extra or None}
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-        additional_special_tokens=extra or None, clean_up_tokenization_spaces=False,
+        clean_up_tokenization_spaces=False, **specials,
     )
+    if named:  # the unnamed extras as special tokens too (their ids are already in the vocabulary)
+        fast.add_tokens([t for t in extra if t not in named.values()], special_tokens=True)
     fast.model_max_length = 512
     return fast

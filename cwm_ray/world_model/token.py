@@ -285,11 +285,17 @@ class TokenWorldModel:
             components = builder(cfg)
         elif components is None:
             path = storage.local_dir(cfg.model)
+            processor = _processor(path)  # its tokenizer is the checkpoint's: not loaded twice
             components = {"model": JanusForConditionalGeneration.from_pretrained(path, dtype=self.dtype,
                                                                                  use_safetensors=True),
-                          "tokenizer": AutoTokenizer.from_pretrained(path)}
+                          "tokenizer": processor.tokenizer if processor else AutoTokenizer.from_pretrained(path),
+                          "processor": processor}
         self.model: JanusForConditionalGeneration = components["model"]
         self.tokenizer: PreTrainedTokenizerBase = components["tokenizer"]
+        self.processor = components.get("processor")
+        """The checkpoint's `JanusProcessor` (image processor, chat template) when it has one: the world model does
+        not use it, but a full fine-tune's export keeps it, so the export still loads as an IDM (one model in both
+        roles, as the paper uses Janus)."""
         self.is_lora = bool(cfg.adapter or cfg.lora.enabled)
         if cfg.adapter:
             _load_adapter(self.language_model, storage.local_dir(cfg.adapter))
@@ -544,7 +550,17 @@ class TokenWorldModel:
             save_file({k: v.detach().contiguous() for k, v in state.items()}, str(out / ADAPTER_WEIGHTS))
             return
         self.model.save_pretrained(out, safe_serialization=True)
-        self.tokenizer.save_pretrained(out)
+        (self.processor or self.tokenizer).save_pretrained(out)  # a processor saves its tokenizer too
+
+
+def _processor(path: str) -> Any:
+    """The checkpoint's processor when it ships one (Janus-Pro's do; transformers 5 writes processor_config.json,
+    earlier checkpoints preprocessor_config.json), else None."""
+    if not any((Path(path) / f).exists() for f in ("processor_config.json", "preprocessor_config.json")):
+        return None
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(path)
 
 
 def _load_adapter(language_model: nn.Module, directory: str) -> None:

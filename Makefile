@@ -50,7 +50,7 @@ lint: setup
 # of a real family sized to cost about 3x decoding per pair (issue 22); p5_decode.py prints P5 at the toy balance.
 # decode_cpu.py: one core's CPU per pair for decode + motion + store at 224 px; idm_throughput.py: the IDM's
 # label path against plain generate, tokens/s (issue 32).
-# All seven figures, P2 for both world-model backends, and finalize at 1M rows; P6 (jobs/reproduce.py end to end, both regimes) takes about an hour: BENCH_P6=0 skips it.
+# All seven figures, P2 for both world-model backends, and finalize at 1M rows; P6 (jobs/reproduce.py end to end, its three regimes) takes over an hour: BENCH_P6=0 skips it.
 bench: setup
 	BENCH_RESULTS=bench/results.jsonl $(PY) bench/p1_annotation.py
 	BENCH_RESULTS=bench/results.jsonl $(PY) bench/p5_decode.py

@@ -1,5 +1,6 @@
-"""The paper's ablation table in miniature on the toy world, from nothing: on 2 cores about 50 minutes a seed for
-both regimes and 10 minutes of pretraining once (`'regimes=[scratch]'`: about 27 minutes a seed).
+"""The paper's ablation table in miniature on the toy world, from nothing: on 2 cores 50-63 minutes a seed for the
+from-scratch and fine-tuned rows, more with the single-model rows (not yet timed), and 10 minutes of pretraining
+once (`'regimes=[scratch]'`: about 27 minutes a seed).
 
     python jobs/reproduce.py                                   # writes outputs/reproduce/{table.md,report/}
     python jobs/reproduce.py 'world_model_overrides=[optim.max_steps=200]' output=/tmp/quick

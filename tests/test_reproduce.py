@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -14,9 +15,12 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.timeout(1500)  # about 10 minutes alone; the suite's 900 s per test is too tight beside other work
 def test_reduced_reproduce_end_to_end(tmp_path: Path) -> None:
-    """configs/reproduce.yaml's table in miniature through the CLI, both regimes: every row from scratch and every
-    row LoRA-fine-tuned from the pretrained world model (issue 36), then a re-run that only rebuilds the table."""
+    """configs/reproduce.yaml's table in miniature through the CLI, its three regimes: every row from scratch, every
+    row LoRA-fine-tuned from the pretrained world model, and row (b) in the single-model setting, where that
+    pretrained model's own IDM adapter labels the videos and verifies (issue 36); then a re-run that only rebuilds
+    the table."""
     out = tmp_path / "repro"
     # Each of the ten trainings on one Ray Train worker, at the global batch two workers had (16): the table's
     # stages are under test here, not data parallelism (tests/test_train.py trains on two), and a second worker
@@ -37,7 +41,7 @@ def test_reduced_reproduce_end_to_end(tmp_path: Path) -> None:
     env = os.environ | {"RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.run([sys.executable, "jobs/reproduce.py", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=900)
+                          text=True, timeout=1400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     table = json.loads((out / "table.json").read_text())
     names = [r["row"] for r in table["rows"]]
@@ -46,10 +50,12 @@ def test_reduced_reproduce_end_to_end(tmp_path: Path) -> None:
             "(c) + recognition weighting + best-of-2"]
     tuned = [r.replace(" + best-of", " (fine-tuned) + best-of") if "best-of" in r else r + " (fine-tuned)"
              for r in rows]
-    assert names == [*rows, *tuned, "copy the source"]
-    assert [r["regime"] for r in table["rows"]] == ["from scratch"] * 6 + ["fine-tuned"] * 6 + [None]
+    single = ["(b) + IDM-labelled synthetic (single model)", "(b) + IDM-labelled synthetic (single model) + best-of-2"]
+    assert names == [*rows, *tuned, *single, "copy the source"]
+    assert [r["regime"] for r in table["rows"]] == ["from scratch"] * 6 + ["fine-tuned"] * 6 + ["single model"] * 2 \
+        + [None]
     assert all(r["toy_score"] is not None and r["items"] == 5 and r["seeds"] == 1 for r in table["rows"])
-    assert table["regimes"] == ["scratch", "finetuned"] and table["pretrained"]["steps"] == 30
+    assert table["regimes"] == ["scratch", "finetuned", "single"] and table["pretrained"]["steps"] == 30
     # Fine-tuning starts from the pretrained weights: each fine-tuned row's first step has a lower loss than the
     # same row's fresh model (the same data, batches and seed: 0.24-0.29 against 2.42-2.43 in one run), and trains
     # a LoRA adapter over that model. Row (c)'s loss is weighted towards the cells the action changes, where a
@@ -73,6 +79,18 @@ def test_reduced_reproduce_end_to_end(tmp_path: Path) -> None:
     assert (out / "report" / "index.html").exists()
     assert (out / "table.png").stat().st_size > 1000  # the table's picture, which the report page shows
     assert json.loads((seed / "annotated" / "summary.json").read_text())["pairs"] > 0
+    # The single model: its IDM is an adapter over the pretrained world model, with the understanding path the
+    # world model never trained saved beside it, and that adapter labelled the videos its row trained on.
+    from safetensors import safe_open
+
+    with safe_open(str(seed / "models" / "idm_self" / "adapter_model.safetensors"), "pt") as f:
+        saved = {k.split(".")[3] for k in f.keys() if k.startswith("base_model.model.model.")}
+    assert {"language_model", "vision_model", "aligner"} <= saved
+    assert not (seed / "models" / "idm_self" / "config.json").exists()  # no copy of the base
+    assert json.loads((seed / "annotated_self" / "summary.json").read_text())["pairs"] > 0
+    assert table["idm_self_explains"] is not None
+    assert (seed / "eval" / "single" / "b" / "report" / "index.html").exists()
+    assert any(c["claim"] == "the single model's own IDM against a separate IDM: (b)" for c in table["comparisons"])
     # Row (b′)'s labels are the ground truth: every one explains its pair exactly, as no IDM label must.
     import pyarrow.parquet as pq
 
@@ -90,8 +108,9 @@ def test_reduced_reproduce_end_to_end(tmp_path: Path) -> None:
     again = subprocess.run([sys.executable, "jobs/reproduce.py", *args], cwd=REPO, env=env, capture_output=True,
                            text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
-    # corpus, pretraining gold and model, then per seed: IDM, its accuracy, annotate, oracle, 2 regimes x 4 rows x 2
-    assert again.stdout.count("done already") == 23
+    # corpus, pretraining gold and model, then per seed: IDM, its accuracy, annotate, oracle, 2 regimes x 4 rows x 2,
+    # and the single model's IDM adapter, its accuracy, its annotation and row (b) x 2
+    assert again.stdout.count("done already") == 28
 
 
 class _FakeStages:
@@ -290,3 +309,103 @@ def test_the_table_gives_mean_and_spread_over_seeds_and_judges_each_claim_agains
     one = build_table({0: per_seed[0]})  # one seed: no spread, and no verdict on any difference
     assert all(r["toy_score_spread"] is None for r in one["rows"])
     assert all(c["beyond_spread"] is None for c in one["comparisons"])
+
+
+def test_the_single_model_regime_makes_the_pretrained_world_model_its_own_idm_and_verifier(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 36, item 2 (the paper's single-model setting): `regimes=[finetuned,single]` trains an IDM adapter over the
+    pretrained world model, annotates the videos with base + adapter, fine-tunes row (b) on those labels, and
+    evaluates it with base + adapter as the verifier; the separate IDM's rows stay as they were."""
+    import cwm_ray.toyworld.corpus
+    from cwm_ray.config import ConfigError, ReproduceConfig, load
+    from cwm_ray.evaluate.reproduce import reproduce
+
+    fake = _FakeStages(monkeypatch)
+    configs: dict[str, Any] = {}
+
+    def pretraining_gold(corpus: Any, output: str, n: int) -> None:
+        fake.calls.append(("pretrain_gold", output))
+        fake.make_corpus(dataclasses.replace(corpus, output=output))
+
+    def record(kind: str, run: Any) -> Any:
+        def wrapped(cfg: Any) -> Any:
+            name = cfg.train.name.split("-")[0] if kind == "train" else Path(cfg.output).name
+            configs[f"{kind}:{name}"] = cfg
+            return run(cfg)
+        return wrapped
+
+    monkeypatch.setattr(cwm_ray.toyworld.corpus, "make_pretraining_gold", pretraining_gold)
+    monkeypatch.setattr("cwm_ray.train.train", record("train", fake.train))
+    monkeypatch.setattr("cwm_ray.annotate.annotate", record("annotate", fake.annotate))
+    monkeypatch.setattr("cwm_ray.evaluate.pipeline.evaluate", record("evaluate", fake.evaluate))
+    monkeypatch.setattr("cwm_ray.evaluate.idm.evaluate_idm", record("eval_idm", fake.evaluate_idm))
+    out = tmp_path / "repro"
+    table = reproduce(load(ReproduceConfig, None, [
+        f"output={out}", "best_of=[1,2]", "world_model_config=train_token_world_model.yaml",
+        "regimes=[finetuned,single]"]))
+    pretrained, seed = str(out / "pretrain" / "world_model"), out / "seeds" / "0"
+    idm_self = configs["train:idm_self"]
+    assert idm_self.idm.model == pretrained and idm_self.idm.lora.enabled and idm_self.idm.lora_export == "adapter"
+    assert idm_self.idm.lora.modules_to_save == ["model.vision_model", "model.aligner", "lm_head"]
+    assert idm_self.train.export == str(seed / "models" / "idm_self")
+    for cfg in (configs["annotate:annotated_self"], configs["eval_idm:eval_idm_self"], configs["evaluate:b"]):
+        assert (cfg.idm.model, cfg.idm.adapter) == (pretrained, str(seed / "models" / "idm_self")), cfg.output
+    assert configs["annotate:annotated"].idm.adapter is None
+    assert configs["evaluate:b"].output == str(seed / "eval" / "single" / "b")
+    wm = configs["train:world_model_self_b"]  # fine-tuned as ft_b is, on the single model's own labels
+    assert wm.world_model.model == pretrained and wm.world_model.lora.enabled
+    assert [s.uri for s in wm.data.sources] == [str(out / "corpus" / "gold" / "train.json"),
+                                                 str(seed / "annotated_self" / "triplets")]
+    names = [r["row"] for r in table["rows"]]
+    assert "(b) + IDM-labelled synthetic (single model)" in names
+    assert "(b) + IDM-labelled synthetic (single model) + best-of-2" in names
+    assert {r["regime"] for r in table["rows"] if r["key"].startswith("self_")} == {"single model"}
+    claims = {c["claim"] for c in table["comparisons"]}
+    assert {"the single model's own IDM against a separate IDM: (b)",
+            "the single model's own IDM against a separate IDM: (b) best-of-2",
+            "(b) best-of-2 beats best-of-1 (single model)"} <= claims
+    assert table["idm_self_explains"] == 0.9
+    assert "The single model's IDM adapter on the held-out gold pairs" in (out / "table.md").read_text()
+    # The toy Janus's understanding path is no setting: a pretrained export from before it was added has another
+    # fingerprint, so it is retrained, not reused as the IDM's base.
+    from cwm_ray.evaluate.reproduce import TOY_JANUS
+
+    assert TOY_JANUS in json.loads((out / "stages" / "pretrain" / "world_model.json").read_text())["inputs"]
+
+    # `rows` trains only the rows a question needs: here the single model against the separate IDM, on row (b).
+    fake.calls.clear()
+    small = reproduce(load(ReproduceConfig, None, [
+        f"output={tmp_path / 'small'}", "best_of=[1,2]", "world_model_config=train_token_world_model.yaml",
+        "regimes=[finetuned,single]", "rows=[b]"]))
+    assert sorted(name.split("-")[0] for kind, name in fake.calls if kind == "train") == [
+        "idm", "idm_self", "pretrained_world_model", "world_model_ft_b", "world_model_self_b"]
+    assert [c["claim"] for c in small["comparisons"]] == [
+        "(b) best-of-2 beats best-of-1 (fine-tuned)", "(b) best-of-2 beats best-of-1 (single model)",
+        "the single model's own IDM against a separate IDM: (b)",
+        "the single model's own IDM against a separate IDM: (b) best-of-2"]
+    for bad in ("rows=[d]", "rows=[]", "rows=[b,b]"):
+        with pytest.raises(ConfigError, match="'rows'.*a, b, b_oracle, c"):
+            load(ReproduceConfig, None, [bad])
+    with pytest.raises(ConfigError, match="single_model_rows.*b, c"):
+        load(ReproduceConfig, None, ["single_model_rows=[a]"])
+    with pytest.raises(ConfigError, match="regimes: `single`.*backend=token"):
+        load(ReproduceConfig, None, ["regimes=[single]"])  # the default world_model_config is the diffusion toy
+
+
+def test_a_setting_added_later_leaves_a_finished_run_reusable_at_its_default() -> None:
+    """`idm.lora.modules_to_save` came after runs were made: at its default a stage's fingerprint is what it was
+    before the setting existed (the config without it), so an upgrade does not retrain a finished table; set, it
+    is another stage."""
+    import hashlib
+
+    from cwm_ray.config import REPO_ROOT, TrainIDMConfig, load, to_dict
+    from cwm_ray.evaluate.reproduce import fingerprint
+
+    cfg = load(TrainIDMConfig, REPO_ROOT / "configs" / "train_idm.yaml")
+    before = to_dict(cfg)
+    del before["idm"]["lora"]["modules_to_save"]
+    payload = json.dumps({"config": before, "inputs": ["x"]}, sort_keys=True, default=str)
+    assert fingerprint(cfg, ["x"]) == hashlib.sha256(payload.encode()).hexdigest()[:16]
+    lora = dataclasses.replace(cfg.idm.lora, modules_to_save=["lm_head"])
+    assert fingerprint(dataclasses.replace(cfg, idm=dataclasses.replace(cfg.idm, lora=lora)), ["x"]) \
+        != fingerprint(cfg, ["x"])

@@ -146,7 +146,15 @@ class EvaluateIDMConfig:
 REPRODUCE_ROWS = ("a", "b", "b_oracle", "c")
 """The table's rows, as `best_of_rows` names them (`ROWS` in cwm_ray/evaluate/reproduce.py says what each trains on;
 this module cannot import the evaluate package)."""
-REPRODUCE_REGIMES = ("scratch", "finetuned")
+REPRODUCE_REGIMES = ("scratch", "finetuned", "single")
+SINGLE_MODEL_ROWS = ("b", "c")
+"""Rows the `single` regime can train: those whose synthetic labels come from the IDM, here the model's own."""
+SINGLE_MODEL_IDM = ("idm.lora.enabled=true", "idm.lora_export=adapter",
+                    "idm.lora.modules_to_save=[model.vision_model,model.aligner,lm_head]")
+"""`ReproduceConfig.single_model_idm_overrides`' default: the IDM as a LoRA adapter over the pretrained toy Janus
+(its Llama adapted at the paper's r16/α32), exported alone, with the understanding path trained whole beside it:
+the toy Janus was pretrained only as a world model, so its SigLIP, aligner and text head have never seen a
+gradient (Janus-Pro's have; a real run adapts the Llama only, configs/real/janus_pro_7b_self.yaml)."""
 PAPER_FINETUNE = ("world_model.lora.enabled=true", "world_model.lora.r=16", "world_model.lora.alpha=32",
                   "optim.lr=5e-4", "optim.warmup_steps=20", "optim.global_batch_size=32", "optim.max_steps=null",
                   "optim.epochs=10")
@@ -167,6 +175,10 @@ class ReproduceConfig:
     """Seeds 0..seeds−1: each trains the IDM, annotates, trains every row's world model and evaluates again on one
     corpus; the table gives each figure's mean ± spread (sample standard deviation) over seeds, and a difference
     between rows counts only beyond the spread. 3 to judge the table's claims."""
+    rows: list[str] = field(default_factory=lambda: list(REPRODUCE_ROWS))
+    """Rows (a, b, b_oracle, c) the `scratch` and `finetuned` regimes train; default all four. Fewer buy time for a
+    question that needs only some, e.g. `rows=[b]` with `regimes=[finetuned,single]` for the single model against
+    the separate IDM: a claim whose rows are missing is left out of the table."""
     best_of: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
     best_of_rows: list[str] = field(default_factory=lambda: ["b", "c"])
     """Rows (a, b, b_oracle, c) whose world model is also evaluated at best-of-N for N in `best_of`; the others with
@@ -190,8 +202,9 @@ class ReproduceConfig:
     regimes: list[str] = field(default_factory=lambda: ["scratch"])
     """How every row's world model starts: `scratch` (from its YAML's model, as `world_model_overrides` train it)
     and/or `finetuned` (LoRA on one world model pretrained once, on `pretrain_gold` triplets of scenes the table
-    never uses: the paper's regime, `finetune_overrides`). Both give the table each row twice, side by side;
-    configs/reproduce.yaml asks for both."""
+    never uses: the paper's regime, `finetune_overrides`), and/or `single` (the `single_model_rows` fine-tuned
+    likewise, with the pretrained model's own IDM adapter in place of the separate IDM: the paper's single-model
+    setting). Each gives the table its rows side by side; configs/reproduce.yaml asks for all three."""
     pretrain_gold: int = 10000
     """Gold triplets of the pretraining set (every action kind, none of the corpus's gold or test scenes)."""
     pretrain_overrides: list[str] = field(default_factory=list)
@@ -201,6 +214,14 @@ class ReproduceConfig:
     """The `finetuned` rows' overrides, after `world_model_overrides`, on the pretrained model: the paper's LoRA
     r16/α32, lr 5e-4, a fixed global batch and a schedule in epochs (so row (b), with ~3x the data, takes ~3x the
     steps of row (a), as an epoch schedule does in the paper)."""
+    single_model_rows: list[str] = field(default_factory=lambda: ["b"])
+    """Rows of the `single` regime (the paper's single-model setting: one pretrained model is the IDM and the world
+    model, with two LoRA adapters): each fine-tunes the pretrained world model as its `finetuned` twin does, on
+    the videos annotated by the model's own IDM adapter, which also verifies its best-of-N. Only rows whose
+    labels come from the IDM: b, c."""
+    single_model_idm_overrides: list[str] = field(default_factory=lambda: list(SINGLE_MODEL_IDM))
+    """The `single` regime's IDM adapter training: train_idm.yaml with `idm.model` the pretrained world model, then
+    `idm_overrides`, then these."""
     allow_toy: bool = False
     """Let a run on a joined cluster (RAY_ADDRESS set) or on GPUs use toy values: a `toy` model, the toy corpus
     (outputs/toy_corpus/...), relative output paths. Off, `check_toy_values` refuses them there: a random model, or
@@ -209,6 +230,10 @@ class ReproduceConfig:
     def __post_init__(self) -> None:
         if self.seeds < 1:
             raise ConfigError(f"bad value for config key 'seeds': {self.seeds}; use 1 or more")
+        unknown = [r for r in self.rows if r not in REPRODUCE_ROWS]
+        if unknown or not self.rows or len(set(self.rows)) != len(self.rows):
+            raise ConfigError(f"bad value for config key 'rows': {self.rows}; use one or more of "
+                              f"{', '.join(REPRODUCE_ROWS)}")
         unknown = [r for r in self.best_of_rows if r not in REPRODUCE_ROWS]
         if unknown:
             raise ConfigError(f"bad value for config key 'best_of_rows': {unknown}; rows are "
@@ -217,6 +242,10 @@ class ReproduceConfig:
                 or len(set(self.regimes)) != len(self.regimes):
             raise ConfigError(f"bad value for config key 'regimes': {self.regimes}; use one or both of "
                               f"{', '.join(REPRODUCE_REGIMES)}")
+        unknown = [r for r in self.single_model_rows if r not in SINGLE_MODEL_ROWS]
+        if unknown or ("single" in self.regimes and not self.single_model_rows):
+            raise ConfigError(f"bad value for config key 'single_model_rows': {self.single_model_rows}; use one "
+                              f"or more of {', '.join(SINGLE_MODEL_ROWS)} (the rows labelled by the IDM)")
         if self.pretrain_gold < 1:
             raise ConfigError(f"bad value for config key 'pretrain_gold': {self.pretrain_gold}; use 1 or more")
         if not (REPO_ROOT / "configs" / self.world_model_config).is_file():
@@ -230,13 +259,23 @@ class ReproduceConfig:
                   "world_model_overrides": (TrainWorldModelConfig, self.world_model_config),
                   "evaluate_overrides": (EvaluateConfig, "evaluate.yaml")}
         stages |= {"pretrain_overrides": (TrainWorldModelConfig, self.world_model_config),
-                   "finetune_overrides": (TrainWorldModelConfig, self.world_model_config)}
+                   "finetune_overrides": (TrainWorldModelConfig, self.world_model_config),
+                   "single_model_idm_overrides": (TrainIDMConfig, "train_idm.yaml")}
         for key, (cls, yaml_name) in stages.items():
             overrides = getattr(self, key)
             if key == "finetune_overrides":  # applied after the rows' own, as the fine-tuned rows load them
                 overrides = [*self.world_model_overrides, *overrides]
+            if key == "single_model_idm_overrides":
+                overrides = [*self.idm_overrides, *overrides]
             try:
                 load(cls, REPO_ROOT / "configs" / yaml_name, overrides)
             except ConfigError as exc:
                 raise ConfigError(f"{key}, checked against {cls.__name__} (configs/{yaml_name}): "
                                   + str(exc).replace("(from command line)", f"(in {key})")) from None
+        if "single" in self.regimes:
+            backend = load(TrainWorldModelConfig, REPO_ROOT / "configs" / self.world_model_config,
+                           self.pretrain_overrides).world_model.backend
+            if backend != "token":
+                raise ConfigError(f"regimes: `single` makes the pretrained world model the IDM too, which needs an "
+                                  f"early-fusion model (world_model.backend=token, e.g. world_model_config="
+                                  f"train_token_world_model.yaml); {self.world_model_config} trains a {backend} one")

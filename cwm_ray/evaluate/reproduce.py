@@ -34,6 +34,7 @@ from typing import Any
 from cwm_ray import storage
 from cwm_ray.config import (
     REPO_ROOT,
+    TOY,
     AnnotateConfig,
     EvaluateConfig,
     EvaluateIDMConfig,
@@ -59,20 +60,34 @@ COMPARISONS = [("b", "a", "synthetic data helps"), ("b_oracle", "b", "label nois
 """(row, baseline, what a positive difference means): the table's claims, each judged against the seed spread."""
 FINETUNED = "ft_"
 """Key prefix of a row's fine-tuned twin (`ft_b` is row (b) LoRA-fine-tuned from the pretrained world model)."""
+SINGLE = "self_"
+"""Key prefix of a row in the single-model regime (`self_b`: row (b) fine-tuned as `ft_b`, on the pretrained
+model's own IDM adapter's labels, and verified by that adapter)."""
+REGIMES = {"scratch": ("", "", "from scratch", ""),
+           "finetuned": (FINETUNED, "finetuned/", "fine-tuned", " (fine-tuned)"),
+           "single": (SINGLE, "single/", "single model", " (single model)")}
+"""regime → (row-key prefix, directory under models/ and eval/, its name in the table, its row-name suffix)."""
 
 
 def row_key(regime: str, row: str) -> str:
-    return FINETUNED + row if regime == "finetuned" else row
+    return REGIMES[regime][0] + row
+
+
+def _regime(key: str) -> str:
+    return next((r for r, (prefix, *_) in REGIMES.items() if prefix and key.startswith(prefix)), "scratch")
+
+
+def _base_row(key: str) -> str:
+    return key.removeprefix(REGIMES[_regime(key)][0])
 
 
 def row_name(key: str) -> str:
-    """A table row's label: the row's name, and `(fine-tuned)` for the fine-tuned regime."""
-    base = key.removeprefix(FINETUNED)
-    return ROW_NAMES[base] + (" (fine-tuned)" if key.startswith(FINETUNED) else "")
+    """A table row's label: the row's name, and `(fine-tuned)` or `(single model)` for those regimes."""
+    return ROW_NAMES[_base_row(key)] + REGIMES[_regime(key)][3]
 
 
 def regime_of(key: str) -> str:
-    return "fine-tuned" if key.startswith(FINETUNED) else "from scratch"
+    return REGIMES[_regime(key)][2]
 
 
 @dataclasses.dataclass
@@ -97,12 +112,31 @@ def _yaml(name: str) -> Path:
     return REPO_ROOT / "configs" / name
 
 
+TOY_JANUS = "toy-janus-with-understanding-path"
+"""An input of the pretraining stage when it builds the toy Janus: its architecture gained the understanding path the
+single model's IDM adapter trains (b3113cd), which a config does not show, so a pretrained export from before is
+not reused (its fine-tuned rows retrain with it; the from-scratch rows, whose models are unchanged, stay)."""
+LATER_SETTINGS = {"modules_to_save": []}
+"""Settings added after runs were made, left out of a fingerprint while at their default: a run made before a
+setting existed is the run it would make now, so its finished stages stay reusable."""
+
+
+def _without_later_defaults(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_later_defaults(v) for k, v in value.items()
+                if not (k in LATER_SETTINGS and v == LATER_SETTINGS[k])}
+    if isinstance(value, list):
+        return [_without_later_defaults(v) for v in value]
+    return value
+
+
 def fingerprint(cfg: Any, inputs: Sequence[str]) -> str:
     """A stage's identity: its resolved config and what it read (its inputs' fingerprints), hashed.
 
     Hashing the resolved config rather than the overrides makes a change in a job's YAML count too.
     """
-    payload = json.dumps({"config": to_dict(cfg), "inputs": list(inputs)}, sort_keys=True, default=str)
+    config = _without_later_defaults(to_dict(cfg))
+    payload = json.dumps({"config": config, "inputs": list(inputs)}, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -174,7 +208,7 @@ def reproduce(cfg: ReproduceConfig) -> dict[str, Any]:
                f"{load(TrainWorldModelConfig, world_model_yaml, cfg.world_model_overrides).world_model.backend}"]
 
     pretrained = None
-    if "finetuned" in cfg.regimes:
+    if {"finetuned", "single"} & set(cfg.regimes):
         # Once for every seed: a broad gold set of scenes the table never uses, and a world model trained on it.
         pre_root = storage.join(root, "pretrain")
         pre_gold = PretrainStage(corpus_cfg, storage.join(pre_root, "corpus"), cfg.pretrain_gold)
@@ -182,11 +216,13 @@ def reproduce(cfg: ReproduceConfig) -> dict[str, Any]:
                             storage.join(pre_gold.output, "corpus.json"),
                             lambda g: make_pretraining_gold(g.corpus, g.output, g.num_train))
         pretrained = storage.join(pre_root, "world_model")
-        pretrained_fp = train_stage("pretrain/world_model", "pretrained world model", load(
-            TrainWorldModelConfig, world_model_yaml, [
-                f"data.sources=[{{uri: '{storage.join(pre_gold.output, 'gold', 'train.json')}'}}]",
-                f"train.storage_path={storage.join(pre_root, 'runs')}", "train.name=pretrained_world_model",
-                f"train.export={pretrained}", "optim.seed=0", *cfg.pretrain_overrides]), [pre_gold_fp])
+        pre_cfg = load(TrainWorldModelConfig, world_model_yaml, [
+            f"data.sources=[{{uri: '{storage.join(pre_gold.output, 'gold', 'train.json')}'}}]",
+            f"train.storage_path={storage.join(pre_root, 'runs')}", "train.name=pretrained_world_model",
+            f"train.export={pretrained}", "optim.seed=0", *cfg.pretrain_overrides])
+        toy_janus = pre_cfg.world_model.backend == "token" and pre_cfg.world_model.model == TOY
+        pretrained_fp = train_stage("pretrain/world_model", "pretrained world model", pre_cfg,
+                                    [pre_gold_fp, *([TOY_JANUS] if toy_janus else [])])
 
     per_seed: dict[int, dict[str, Any]] = {}
     for seed in range(cfg.seeds):
@@ -214,13 +250,44 @@ def reproduce(cfg: ReproduceConfig) -> dict[str, Any]:
                           [oracle.output], storage.join(oracle.output, "part-00000.parquet"),
                           lambda o: relabel_with_ground_truth(o.triplets, o.corpus, o.output))
         synthetic = {"idm": (triplets, annotate_fp), "oracle": (oracle.output, oracle_fp)}
+        verifier = {"scratch": ([f"idm.model={idm}"], idm_fp), "finetuned": ([f"idm.model={idm}"], idm_fp)}
+        idm_self_result = None
+        if "single" in cfg.regimes:
+            # The paper's single-model setting: the pretrained world model learns to be the IDM too, as a LoRA
+            # adapter over the same weights, then labels the videos and verifies its own samples.
+            idm_self = storage.join(models, "idm_self")
+            self_cfg = load(TrainIDMConfig, _yaml("train_idm.yaml"), [
+                f"data.sources=[{{uri: '{gold}'}}]", f"train.storage_path={runs}", "train.name=idm_self",
+                f"train.export={idm_self}", f"optim.seed={seed}", f"idm.model={pretrained}", *cfg.idm_overrides,
+                *cfg.single_model_idm_overrides])
+            self_fp = train_stage(f"seed{seed}/idm_self", f"{tag}IDM adapter on the pretrained world model", self_cfg,
+                                  [corpus_fp, pretrained_fp])
+            self_idm = [f"idm.model={pretrained}", f"idm.adapter={idm_self}"]
+            self_eval = load(EvaluateIDMConfig, _yaml("evaluate_idm.yaml"), [
+                f"bench={test}", *self_idm, f"output={storage.join(base, 'eval_idm_self')}"])
+            stage(f"seed{seed}/eval_idm_self", f"{tag}IDM adapter accuracy", self_eval, [corpus_fp, self_fp],
+                  [self_eval.output], storage.join(self_eval.output, "results.json"), evaluate_idm)
+            annotated_self = storage.join(base, "annotated_self")
+            annotate_self_cfg = load(AnnotateConfig, _yaml("annotate.yaml"), [
+                f"inputs=[{{name: toy, uri: '{storage.join(corpus, 'videos')}'}}]", f"output={annotated_self}",
+                *self_idm, *backend, *cfg.annotate_overrides])
+            annotate_self_fp = stage(f"seed{seed}/annotate_self", f"{tag}annotate with the IDM adapter",
+                                     annotate_self_cfg, [corpus_fp, self_fp], [annotate_self_cfg.output],
+                                     storage.join(annotated_self, "summary.json"), annotate)
+            synthetic["self"] = (storage.join(annotated_self, "triplets"), annotate_self_fp)
+            verifier["single"] = (self_idm, self_fp)
+            idm_self_result = storage.read_json(storage.join(self_eval.output, "results.json")).get("explains")
 
         results: dict[str, dict[str, Any]] = {}
         training: dict[str, dict[str, Any]] = {}
         for regime in cfg.regimes:
             for row, (kind, weighted) in ROWS.items():
+                if row not in (cfg.single_model_rows if regime == "single" else cfg.rows):
+                    continue
+                if regime == "single":
+                    kind = "self"
                 key = row_key(regime, row)
-                where = "" if regime == "scratch" else "finetuned/"
+                where = REGIMES[regime][1]
                 wm, out = storage.join(models, f"{where}world_model_{row}"), storage.join(base, f"eval/{where}{row}")
                 sources, inputs = f"[{{uri: '{gold}'}}]", [corpus_fp]
                 if kind is not None:
@@ -228,7 +295,7 @@ def reproduce(cfg: ReproduceConfig) -> dict[str, Any]:
                     sources = f"[{{uri: '{gold}'}}, {{uri: '{uri}', weight: {cfg.synthetic_weight}}}]"
                     inputs = [corpus_fp, fp]
                 start: list[str] = []
-                if regime == "finetuned":
+                if regime in ("finetuned", "single"):
                     start = [f"world_model.model={pretrained}", *cfg.finetune_overrides]
                     inputs = [*inputs, pretrained_fp]
                 wm_cfg = load(TrainWorldModelConfig, world_model_yaml, [
@@ -242,15 +309,17 @@ def reproduce(cfg: ReproduceConfig) -> dict[str, Any]:
                 model = ([f"world_model.model={wm_cfg.world_model.model}", f"world_model.adapter={wm}"]
                          if wm_cfg.world_model.lora.enabled else [f"world_model.model={wm}"])
                 best_of = cfg.best_of if row in cfg.best_of_rows else [1]
+                verifier_args, verifier_fp = verifier[regime]
                 eval_cfg = load(EvaluateConfig, _yaml("evaluate.yaml"), [
-                    f"bench={test}", *model, f"idm.model={idm}",
+                    f"bench={test}", *model, *verifier_args,
                     f"best_of=[{','.join(str(n) for n in best_of)}]", f"output={out}", f"seed={seed}", *backend,
                     *cfg.evaluate_overrides])
                 stage(f"seed{seed}/evaluate_{key}", f"{tag}evaluate {row_name(key)}", eval_cfg,
-                      [corpus_fp, idm_fp, wm_fp], [eval_cfg.output], storage.join(out, "results.json"), evaluate)
+                      [corpus_fp, verifier_fp, wm_fp], [eval_cfg.output], storage.join(out, "results.json"), evaluate)
                 results[key] = storage.read_json(storage.join(out, "results.json"))["summary"]
         idm_result = storage.read_json(storage.join(idm_eval.output, "results.json"))
-        per_seed[seed] = {"rows": results, "idm_explains": idm_result.get("explains"), "training": training}
+        per_seed[seed] = {"rows": results, "idm_explains": idm_result.get("explains"), "training": training,
+                          "idm_self_explains": idm_self_result}
 
     table = build_table(per_seed)
     table |= {"seconds": round(time.perf_counter() - t0, 1), "stage_seconds": timings, "regimes": list(cfg.regimes),
@@ -315,7 +384,7 @@ def build_table(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
         return next((r for r in rows if r["key"] == row and r["best_of"] == n), None)
 
     pairs = []
-    for prefix, suffix in (("", ""), (FINETUNED, " (fine-tuned)")):
+    for prefix, _, _, suffix in REGIMES.values():
         pairs += [(find(prefix + a), find(prefix + b), claim + suffix) for a, b, claim in COMPARISONS]
         for key in ROWS:
             ns = sorted({r["best_of"] for r in rows if r["key"] == prefix + key})
@@ -324,11 +393,18 @@ def build_table(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
                       for m, n in zip(ns, ns[1:], strict=False)]
     pairs += [(find(FINETUNED + key), find(key), f"fine-tuning the pretrained model beats training from scratch: "
                                                  f"{ROW_NAMES[key].split()[0]}") for key in ROWS]
+    pairs += [(r, find(FINETUNED + _base_row(r["key"]), r["best_of"]),
+               f"the single model's own IDM against a separate IDM: {ROW_NAMES[_base_row(r['key'])].split()[0]}"
+               + (f" best-of-{r['best_of']}" if r["best_of"] > 1 else "")) for r in rows if r["key"].startswith(SINGLE)]
     comparisons = [compare(x, y, claim) for x, y, claim in pairs if x is not None and y is not None]
-    idm = _mean_spread([s["idm_explains"] for s in per_seed.values()])
-    return {"rows": rows, "columns": COLUMNS, "seeds": len(per_seed), "comparisons": comparisons,
-            "idm_explains": idm[0], "idm_explains_spread": idm[1],
-            "idm_explains_per_seed": [s["idm_explains"] for s in per_seed.values()]}
+    table = {"rows": rows, "columns": COLUMNS, "seeds": len(per_seed), "comparisons": comparisons}
+    for name in ("idm_explains", "idm_self_explains"):
+        values = [s.get(name) for s in per_seed.values()]
+        if name == "idm_self_explains" and all(v is None for v in values):
+            continue
+        table[name], table[f"{name}_spread"] = _mean_spread(values)
+        table[f"{name}_per_seed"] = values
+    return table
 
 
 def compare(x: dict[str, Any], y: dict[str, Any], claim: str, column: str = "toy_score") -> dict[str, Any]:
@@ -374,10 +450,11 @@ def markdown(table: dict[str, Any]) -> str:
     lines.append("")
     lines.append(f"Seeds: {seeds}" + (" (mean ± sample standard deviation over seeds)." if seeds > 1 else
                                       " (no spread: run with seeds=3 to judge differences)."))
-    if table.get("idm_explains") is not None:
-        spread = table.get("idm_explains_spread")
-        lines.append(f"IDM on the held-out gold pairs: "
-                     f"{_cell(100 * table['idm_explains'], None if spread is None else 100 * spread)} % explained.")
+    for name, what in (("idm_explains", "IDM"), ("idm_self_explains", "The single model's IDM adapter")):
+        if table.get(name) is not None:
+            spread = table.get(f"{name}_spread")
+            lines.append(f"{what} on the held-out gold pairs: "
+                         f"{_cell(100 * table[name], None if spread is None else 100 * spread)} % explained.")
     pre = table.get("pretrained")
     if pre:
         first = {regime: [t["first_loss"] for seed in table.get("training", {}).values() for k, t in seed.items()
@@ -407,8 +484,8 @@ def write_table(root: str, table: dict[str, Any]) -> None:
 
     plot_table(table, storage.join(root, "table.png"))
     keys = [r["key"] for r in table["rows"] if r["key"] != "copy" and r["best_of"] == 1]
-    links = "".join(f'<li><a href="../seeds/{s}/eval/{"finetuned/" if k.startswith(FINETUNED) else ""}'
-                    f'{k.removeprefix(FINETUNED)}/report/index.html">seed {s}, row {html.escape(row_name(k))}</a></li>'
+    links = "".join(f'<li><a href="../seeds/{s}/eval/{REGIMES[_regime(k)][1]}'
+                    f'{_base_row(k)}/report/index.html">seed {s}, row {html.escape(row_name(k))}</a></li>'
                     for s in range(table.get("seeds", 1)) for k in keys)
     body = "".join(f"<tr><td>{html.escape(r['row'])}</td><td>{r['items']}</td>" + "".join(
         f"<td>{_cell(r[c], r.get(f'{c}_spread'))}</td>" for c in table["columns"]) + "</tr>"

@@ -25,7 +25,7 @@ def test_reduced_reproduce_end_to_end(tmp_path: Path) -> None:
     fake stages below, so here they would only add four trainings and four evaluations; (b′)'s relabelling stage
     still runs and is checked."""
     out = tmp_path / "repro"
-    # Each of the ten trainings on one Ray Train worker, at the global batch two workers had (16): the table's
+    # Each of the eight trainings on one Ray Train worker, at the global batch two workers had (16): the table's
     # stages are under test here, not data parallelism (tests/test_train.py trains on two), and a second worker
     # costs each training about 15 s of CPU.
     one = "scaling.num_workers=1,scaling.cpus_per_worker=1,optim.batch_size=16"

@@ -403,8 +403,8 @@ def assert_resumed_like_uninterrupted(plain: dict, killed: dict, exports: tuple[
     Python's global `random` stream is left out: the training never draws from it (its draws are torch's and
     NumPy's, compared here), and libraries draw from it on their own schedule in a worker, at import (rich's style
     ids, through `ray.tune`, and opencensus's trace ids, seen in RayTrainWorker and Ray's agents with an audit of
-    every call). Once in CI a resumed worker drew from it after the restore where the uninterrupted one had not,
-    with every weight and loss equal. That the state is saved and restored is checked by
+    every call). Once, in a local run, a resumed worker drew from it after the restore where the uninterrupted one
+    had not, with every weight and loss equal. That the state is saved and restored is checked by
     `test_a_checkpoints_random_states_restore_every_stream`."""
     assert plain["steps"] == killed["steps"] and killed["resumed_from"] and plain["resumed_from"] == []
     files = sorted(p.relative_to(exports[0]) for p in exports[0].rglob("*.safetensors"))
